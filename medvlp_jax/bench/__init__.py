@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m medvlp_jax.bench NAME [args]`; each prints one JSON object."""

@@ -1,0 +1,159 @@
+"""Orbax checkpoints of the train state together with the Grain iterator state.
+
+Layout: `WORKDIR/checkpoints/<step>/{state,data}`. Saves are asynchronous; the newest
+`keep` checkpoints are kept, plus the best one by `keep_best_metric` when set. Restores always
+target the abstract, sharded state of the *current* mesh, so a checkpoint written on 8
+devices restores on 4, or on another split of the axes.
+
+Data-iterator policy: its state is restored only when the process count matches the one that
+saved it (Grain stores one file per process); otherwise training goes on with a fresh iterator
+at the restored step and a warning says why.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from medvlp_jax.state import TrainState
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model being restored; the message lists the keys."""
+
+
+def _structure_diff(expected, found) -> str:
+    """Human-readable list of paths in one tree and not the other."""
+    want = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    have = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(found)[0]}
+    missing, extra = sorted(want - have), sorted(have - want)
+    return f"missing from checkpoint: {missing[:20]}; unexpected in checkpoint: {extra[:20]}"
+
+
+class Checkpointer:
+    """Saves and restores (TrainState, data iterator) pairs in `directory`."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        keep: int = 3,
+        best_metric: str = "",
+        best_mode: str = "max",
+    ):
+        policies = [ocp.checkpoint_managers.LatestN(keep)]
+        if best_metric:
+            policies.append(
+                ocp.checkpoint_managers.BestN(
+                    get_metric_fn=lambda metrics: metrics[best_metric],
+                    reverse=best_mode == "min",
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+        self.best_metric = best_metric
+        self._manager = ocp.CheckpointManager(
+            Path(directory).absolute(),
+            options=ocp.CheckpointManagerOptions(
+                preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+                enable_async_checkpointing=True,
+                create=True,
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, state: TrainState, data_iterator, metrics: dict | None = None) -> None:
+        """Starts an async save of `state` and the iterator's position at `state.step`."""
+        step = int(jax.device_get(state.step))
+        if self.best_metric and metrics is not None and self.best_metric not in metrics:
+            metrics = None
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(data_iterator),
+            ),
+            metrics=metrics,
+            force=True,
+        )
+
+    def restore(self, abstract_state: TrainState, data_iterator, step: int | None = None):
+        """Restores the train state (sharded like `abstract_state`) and, when the process count
+        matches, the data iterator in place. Returns the state."""
+        step = self.latest_step() if step is None else step
+        data_dir = self._manager.directory / str(step) / "data"
+        wanted = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if (data_dir / wanted).exists():
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        else:
+            saved = sorted(p.name for p in data_dir.glob("process_*.json"))
+            logging.warning(
+                "data iterator state not restored: the checkpoint at step %d holds %s, this run "
+                "has %d process(es); continuing with a fresh iterator",
+                step,
+                saved,
+                jax.process_count(),
+            )
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except (ValueError, KeyError) as e:
+            metadata = self._manager.item_metadata(step)
+            found = metadata["state"] if metadata is not None else None
+            diff = _structure_diff(abstract_state, found) if found is not None else ""
+            raise CheckpointMismatchError(
+                f"checkpoint {self._manager.directory / str(step)} does not match this model: "
+                f"{diff or e}"
+            ) from e
+        return restored["state"]
+
+    def wait(self) -> None:
+        """Blocks until pending async saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def load_params(path: str, params) -> object:
+    """Weights only: the params of another run's checkpoint at `path` (a workdir, its
+    `checkpoints/` folder or one step's folder), checked against the structure of `params`.
+
+    Returns host numpy arrays in the structure of `params`.
+    """
+    root = Path(path).absolute()
+    for candidate in (root / "checkpoints", root):
+        if candidate.is_dir() and any(p.name.isdigit() for p in candidate.iterdir()):
+            root = candidate / str(
+                max(int(p.name) for p in candidate.iterdir() if p.name.isdigit())
+            )
+            break
+    state_dir = root / "state"
+    if not state_dir.is_dir():
+        raise FileNotFoundError(
+            f"--config.init.checkpoint={path}: no checkpoint state under {root}"
+        )
+    found = ocp.StandardCheckpointer().restore(state_dir)["params"]
+    want = jax.tree.structure(params)
+    if jax.tree.structure(found) != want:
+        raise CheckpointMismatchError(
+            f"--config.init.checkpoint={path} holds other parameters: "
+            f"{_structure_diff(params, found)}"
+        )
+    shapes = [
+        f"{jax.tree_util.keystr(p)}: {a.shape} vs {b.shape}"
+        for (p, a), b in zip(
+            jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(found), strict=True
+        )
+        if tuple(a.shape) != tuple(b.shape)
+    ]
+    if shapes:
+        raise CheckpointMismatchError(f"--config.init.checkpoint={path}: shape mismatch {shapes}")
+    return found

@@ -1,0 +1,219 @@
+"""Grain pipelines: infinite shuffled training batches and padded evaluation batches.
+
+Training: `source -> seed -> shuffle -> repeat -> image/features -> [process_index::process_count]
+-> batch(drop_remainder)`: one global shuffle per epoch (same seed on every process), then
+each process takes every process_count-th example, so the processes' streams are disjoint
+and together cover every epoch. Augmentation is seeded by the example's position in the
+global stream, so no two processes draw the same augmentation.
+
+Evaluation: process p gets records p, p + P, ..., padded (with `valid` False) to the same
+number of full batches on every process: every record appears exactly once.
+
+Both return a `DataIterator` whose state (get_state / set_state, saved by Orbax through
+`grain.checkpoint.CheckpointSave`) records the process layout and the records, and refuses
+to restore into a different one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import grain
+import numpy as np
+
+from medvlp_jax.data.records import Record
+from medvlp_jax.data.transforms import EvalImage, Features, ImageSpec, TrainImage
+
+
+def records_fingerprint(records: list[Record]) -> str:
+    """sha1 over the records' paths, texts and labels (identifies a record list)."""
+    h = hashlib.sha1()
+    for r in records:
+        h.update(r.image_path.encode())
+        h.update(b"\0")
+        h.update(r.text.encode())
+        h.update(b"\0")
+        h.update(np.nan_to_num(r.labels, nan=9.0).tobytes())
+    return h.hexdigest()
+
+
+class RecordSource(grain.sources.RandomAccessDataSource):
+    """Random access over records: element i = {'index', 'record'[, 'valid']}.
+
+    Args:
+      records: all records.
+      indices: which records, in order (default all); `index` is the position in `records`.
+      valid: per element, False for padding (eval); omitted when None.
+    """
+
+    def __init__(self, records: list[Record], indices=None, valid=None):
+        self._records = tuple(records)
+        self._indices = (
+            np.arange(len(records)) if indices is None else np.asarray(indices, np.int64)
+        )
+        self._valid = None if valid is None else np.asarray(valid, bool)
+        self._fingerprint = records_fingerprint(records)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, i: int) -> dict:
+        index = int(self._indices[i])
+        element = {"index": index, "record": self._records[index]}
+        if self._valid is not None:
+            element["valid"] = np.bool_(self._valid[i])
+        return element
+
+    def __repr__(self) -> str:
+        digest = hashlib.sha1(self._indices.tobytes()).hexdigest()[:12]
+        records = f"{len(self._records)}:{self._fingerprint[:12]}"
+        return f"RecordSource(records={records}, elements={len(self)}:{digest})"
+
+
+class DataIterator(grain.DatasetIterator):
+    """A grain iterator whose state names the process layout and the records.
+
+    `set_state` raises ValueError when the state was saved with another process count,
+    process index, batch size or record list: the per-process streams (and so the position
+    in them) would not mean the same examples.
+    """
+
+    def __init__(self, inner: grain.DatasetIterator, **layout):
+        super().__init__(inner)
+        self._layout = layout
+
+    def __next__(self) -> dict:
+        return next(self._parent)
+
+    def get_state(self) -> dict:
+        return {**self._layout, "pipeline": self._parent.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        for key, value in self._layout.items():
+            if state.get(key) != value:
+                raise ValueError(
+                    f"data iterator state was saved with {key}={state.get(key)!r}, but this run "
+                    f"has {key}={value!r}; a grain iterator state only restores with the same "
+                    "process count, process index, batch size and records (the data is sharded "
+                    "per process). Restart the data iterator from scratch instead."
+                )
+        self._parent.set_state(state["pipeline"])
+
+
+def _local_batch(batch_size: int, process_count: int, what: str) -> int:
+    if batch_size % process_count:
+        raise ValueError(
+            f"data.{what}={batch_size} is not divisible by process_count={process_count}"
+        )
+    return batch_size // process_count
+
+
+def _iterate(ds: grain.MapDataset, data_cfg) -> grain.DatasetIterator:
+    """MapDataset of batches -> iterator with thread prefetch or worker processes."""
+    workers, prefetch = data_cfg.num_workers, data_cfg.prefetch
+    if workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(prefetch, 1))
+        mp = grain.MultiprocessingOptions(
+            num_workers=workers, per_worker_buffer_size=max(prefetch, 1)
+        )
+        return iter(ds.to_iter_dataset(read).mp_prefetch(mp))
+    read = grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)
+    return iter(ds.to_iter_dataset(read))
+
+
+def train_dataset(
+    data_cfg, records, tokenizer, *, seed, process_index=0, process_count=1, hooks=()
+):
+    """The training `grain.MapDataset` of per-process batches (infinite). See module doc."""
+    if not records:
+        raise ValueError("train pipeline: no records")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+    batch = _local_batch(data_cfg.batch_size, process_count, "batch_size")
+    spec = ImageSpec.from_config(data_cfg, augment=True)
+    ds = grain.MapDataset.source(RecordSource(records)).seed(seed).shuffle().repeat()
+    ds = ds.random_map(TrainImage(spec))
+    ds = ds.map(Features(tokenizer, data_cfg.max_text_len, data_cfg.uncertain_policy, hooks))
+    ds = ds[process_index::process_count]
+    return ds.batch(batch, drop_remainder=True)
+
+
+def train_iterator(
+    data_cfg, records, tokenizer, *, seed, process_index=0, process_count=1, hooks=()
+):
+    """Infinite, shuffled, per-process training batches (checkpointable iterator).
+
+    Each batch is a dict of numpy arrays, B = data_cfg.batch_size // process_count:
+    image float32 [B, H, W, C], input_ids int32 [B, T], attention_mask int32 [B, T],
+    labels float32 [B, 14] (after data.uncertain_policy), label_mask float32 [B, 14],
+    index int32 [B] (position in `records`), plus the hooks' fields.
+    """
+    ds = train_dataset(
+        data_cfg,
+        records,
+        tokenizer,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        hooks=hooks,
+    )
+    layout = dict(
+        process_index=process_index,
+        process_count=process_count,
+        batch_size=data_cfg.batch_size,
+        records=records_fingerprint(records),
+        seed=seed,
+    )
+    return DataIterator(_iterate(ds, data_cfg), **layout)
+
+
+def eval_batches(
+    data_cfg,
+    records,
+    tokenizer,
+    *,
+    batch_size,
+    process_index=0,
+    process_count=1,
+    hooks=(),
+    augment=False,
+):
+    """Full, padded evaluation batches of this process; every record once across processes.
+
+    Args:
+      batch_size: global batch size (per process: batch_size // process_count).
+      augment: apply the training augmentation (seeded by data.shuffle_seed).
+
+    Returns:
+      A DataIterator over ceil(ceil(N / P) / B) batches (the same count on every process),
+      dicts as in `train_iterator` plus valid bool [B] (False on padding, whose fields repeat
+      a real record).
+    """
+    if not records:
+        raise ValueError("eval pipeline: no records")
+    local = _local_batch(batch_size, process_count, "eval batch_size")
+    mine = np.arange(process_index, len(records), process_count)
+    num_batches = math.ceil(math.ceil(len(records) / process_count) / local)
+    pad = num_batches * local - len(mine)
+    filler = mine[0] if len(mine) else 0
+    indices = np.concatenate([mine, np.full(pad, filler, np.int64)])
+    valid = np.arange(len(indices)) < len(mine)
+    spec = ImageSpec.from_config(data_cfg, augment=augment)
+    ds = grain.MapDataset.source(RecordSource(records, indices, valid))
+    if augment:
+        ds = ds.seed(data_cfg.shuffle_seed).random_map(TrainImage(spec))
+    else:
+        ds = ds.map(EvalImage(spec))
+    ds = ds.map(Features(tokenizer, data_cfg.max_text_len, data_cfg.uncertain_policy, hooks))
+    layout = dict(
+        process_index=process_index,
+        process_count=process_count,
+        batch_size=batch_size,
+        records=records_fingerprint(records),
+    )
+    return DataIterator(_iterate(ds.batch(local), data_cfg), **layout)

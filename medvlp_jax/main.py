@@ -1,0 +1,95 @@
+"""Command-line entry point.
+
+    python -m medvlp_jax.main --config=configs/mcpl.py --workdir=/tmp/run [--config.a.b=v ...]
+
+`--config=FILE:ARG` passes ARG to the file's `get_config` (e.g. `configs/clip.py:tiny`).
+Overrides are checked before anything runs: an unknown key fails naming the closest valid one.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from medvlp_jax import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, metrics, checkpoints.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _preflight(argv: list[str]) -> None:
+    """Checks the config file and overrides before absl parses them (clearer errors)."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None:
+        return
+    try:
+        config = config_lib.load_config_file(spec)
+        config_lib.check_overrides(config, argv)
+    except config_lib.ConfigError as e:
+        sys.exit(f"config error: {e}")
+
+
+def _print_batch_summary(config) -> None:
+    """`--config.mode=data`: builds the training pipeline and prints one batch's fields."""
+    import jax
+
+    from medvlp_jax.data import pipeline, sources, tokenize
+
+    records = sources.load_records(config.data, "train")
+    tokenizer = tokenize.load_tokenizer(config.data.tokenizer)
+    batches = pipeline.train_iterator(
+        config.data,
+        records,
+        tokenizer,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    batch = next(batches)
+    print(f"{len(records)} training records; one batch:")
+    for name, value in sorted(batch.items()):
+        print(f"  {name:16s} {value.dtype!s:8s} {tuple(value.shape)}")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config = _CONFIG.value
+    try:
+        config_lib.check_choices(config)
+    except config_lib.ConfigError as e:
+        sys.exit(f"config error: {e}")
+
+    from medvlp_jax.parallel import distributed
+
+    distributed.setup_logging()
+    distributed.initialize(config.distributed)
+    with distributed.exit_on_failure():
+        _run(config, Path(_WORKDIR.value))
+
+
+def _run(config, workdir: Path) -> None:
+    """Writes the resolved config, then runs the configured mode."""
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    import jax
+
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config_lib.to_json(config))
+    logging.info("config written to %s", workdir / "config.json")
+
+    if config.mode == "data":
+        _print_batch_summary(config)
+        return
+
+    from medvlp_jax import train
+
+    train.run(config, workdir)
+
+
+if __name__ == "__main__":
+    _preflight(sys.argv[1:])
+    app.run(main)

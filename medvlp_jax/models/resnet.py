@@ -1,0 +1,111 @@
+"""ResNet-50 in the torchvision layout (v1.5: stride on the 3x3 conv), NHWC.
+
+Batch norm runs in train mode (batch statistics, `batch_stats` updated; apply with
+`mutable=['batch_stats']`) when `train=True`, else with the running averages.
+`channels=1` gives a one-channel stem (the importer sums a pretrained RGB stem over channels).
+
+Outputs: `feature_map` [B, h, w, 2048] (layer4), `tokens` [B, h*w, 2048] (the same, flattened
+row-major), `pooled` [B, 2048] (global average pool).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from medvlp_jax.models.layers import Dtype, batch_norm, partitioned
+
+STAGES = (("layer1", 64, 3, 1), ("layer2", 128, 4, 2), ("layer3", 256, 6, 2), ("layer4", 512, 3, 2))
+EXPANSION = 4
+
+
+def conv(
+    features: int,
+    kernel: int,
+    stride: int = 1,
+    *,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    name: str,
+) -> nn.Conv:
+    """Bias-free conv with PyTorch's symmetric padding kernel // 2 and He (fan_out) init."""
+    pad = kernel // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        kernel_init=partitioned(
+            nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+            None,
+            None,
+            "conv_in",
+            "conv_out",
+        ),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (stride) -> 1x1 (x4) with batch norms and a projection shortcut if needed."""
+
+    planes: int
+    stride: int = 1
+    downsample: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        bn = lambda name: batch_norm(train=train, name=name, **kw)  # noqa: E731
+        y = nn.relu(bn("bn1")(conv(self.planes, 1, name="conv1", **kw)(x)))
+        y = nn.relu(bn("bn2")(conv(self.planes, 3, self.stride, name="conv2", **kw)(y)))
+        y = bn("bn3")(conv(self.planes * EXPANSION, 1, name="conv3", **kw)(y))
+        if self.downsample:
+            x = conv(self.planes * EXPANSION, 1, self.stride, name="downsample_conv", **kw)(x)
+            x = bn("downsample_bn")(x)
+        return nn.relu(x + y)
+
+
+class ResNet50(nn.Module):
+    """torchvision ResNet-50 trunk (no fc). Param names mirror torchvision:
+    conv1, bn1, layer{1-4}_{j}/{conv1,bn1,conv2,bn2,conv3,bn3,downsample_conv,downsample_bn}.
+    """
+
+    channels: int = 3
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
+        """images [B, H, W, C] -> {feature_map [B, h, w, 2048], tokens, pooled [B, 2048]}."""
+        if images.ndim != 4 or images.shape[-1] != self.channels:
+            raise ValueError(
+                f"expected NHWC images with {self.channels} channels, got shape {images.shape}"
+            )
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = conv(64, 7, 2, name="conv1", **kw)(images.astype(self.dtype))
+        x = nn.relu(batch_norm(train=train, name="bn1", **kw)(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        in_features = 64
+        for stage, planes, blocks, stride in STAGES:
+            for j in range(blocks):
+                s = stride if j == 0 else 1
+                down = j == 0 and (s != 1 or in_features != planes * EXPANSION)
+                x = Bottleneck(planes, s, down, name=f"{stage}_{j}", **kw)(x, train)
+                in_features = planes * EXPANSION
+        b, h, w, d = x.shape
+        return {
+            "feature_map": x,
+            "tokens": x.reshape(b, h * w, d),
+            "pooled": jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype),
+        }
+
+    def example_inputs(self, batch: int = 1, size: int = 64) -> tuple[jax.Array, ...]:
+        """Dummy positional inputs for `init`: (images [batch, size, size, C],)."""
+        return (jnp.zeros((batch, size, size, self.channels)),)

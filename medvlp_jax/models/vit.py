@@ -1,0 +1,149 @@
+"""Vision Transformer in the CLIP layout and the Hugging Face ViT layout.
+
+CLIP layout (`layout='clip'`): patch conv without bias, class token, positional embedding,
+`ln_pre`, pre-LN blocks, `ln_post` on the class token, optional projection (no bias).
+HF layout (`layout='hf'`): patch conv with bias, pre-LN blocks, final LayerNorm over all tokens,
+optional pooler (tanh(Linear(cls))).
+
+Outputs (dict):
+- `tokens` [B, 1 + N, D]: last hidden states as the PyTorch model returns them (CLIP: before
+  `ln_post`; HF: after the final LayerNorm).
+- `pooled` [B, E]: CLIP: ln_post(cls) @ proj (or ln_post(cls) without projection); HF: the
+  class token of `tokens`.
+- `pooler_output` [B, D]: CLIP: ln_post(cls); HF: the pooler's output when it exists.
+- `prompt_tokens` [B, P, D] when a `prompt_fn` left prompt rows in the last layer.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from medvlp_jax.models.layers import dense, layer_norm, partitioned
+from medvlp_jax.models.transformer import PromptFn, TransformerConfig, TransformerStack
+
+LAYOUTS = ("clip", "hf")
+
+
+def resize_posemb_grid(grid: jax.Array, new_hw: tuple[int, int]) -> jax.Array:
+    """Bicubic resize of a positional-embedding grid [h, w, D] -> [h', w', D].
+
+    Uses `jax.image.resize` (Keys cubic, a = -0.5, no antialiasing). PyTorch's bicubic uses
+    a = -0.75, so values differ slightly from HF's `interpolate_pos_encoding`.
+    """
+    if tuple(grid.shape[:2]) == tuple(new_hw):
+        return grid
+    out = jax.image.resize(
+        grid.astype(jnp.float32), (*new_hw, grid.shape[-1]), "bicubic", antialias=False
+    )
+    return out.astype(grid.dtype)
+
+
+def resize_posemb(posemb: jax.Array, new_hw: tuple[int, int], num_prefix: int = 1) -> jax.Array:
+    """[num_prefix + h*w, D] table (square h = w) -> [num_prefix + h'*w', D]; prefix rows kept."""
+    prefix, grid = posemb[:num_prefix], posemb[num_prefix:]
+    side = int(round(grid.shape[0] ** 0.5))
+    if side * side != grid.shape[0]:
+        raise ValueError(f"positional grid of {grid.shape[0]} rows is not square")
+    grid = resize_posemb_grid(grid.reshape(side, side, -1), new_hw)
+    return jnp.concatenate([prefix, grid.reshape(-1, grid.shape[-1])], axis=0)
+
+
+class VisionTransformer(nn.Module):
+    """ViT over NHWC images [B, H, W, C]; see the module docstring for layouts and outputs.
+
+    Params: patch_embed (Conv), cls [D], posemb [1 + N, D], [ln_pre], encoder
+    (TransformerStack), norm (ln_post / final LayerNorm), [proj [D, E]], [pooler].
+    """
+
+    transformer: TransformerConfig
+    image_size: int = 224
+    patch_size: int = 16
+    channels: int = 3
+    layout: str = "clip"
+    proj_dim: int | None = None
+    pooler: bool = False
+
+    def setup(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"ViT layout {self.layout!r} is not one of {LAYOUTS}")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        c = self.transformer
+        kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
+        clip = self.layout == "clip"
+        self.patch_embed = nn.Conv(
+            c.width,
+            (self.patch_size, self.patch_size),
+            strides=(self.patch_size, self.patch_size),
+            padding="VALID",
+            use_bias=not clip,
+            kernel_init=partitioned(nn.initializers.lecun_normal(), None, None, "conv_in", "embed"),
+            bias_init=partitioned(nn.initializers.zeros_init(), "embed"),
+            **kw,
+        )
+        grid = self.image_size // self.patch_size
+        init = nn.initializers.normal(c.init_std)
+        self.cls = self.param("cls", partitioned(init, "embed"), (c.width,), c.param_dtype)
+        self.posemb = self.param(
+            "posemb", partitioned(init, "position", "embed"), (1 + grid * grid, c.width), c.param_dtype
+        )
+        if clip:
+            self.ln_pre = layer_norm(c.layer_norm_eps, **kw)
+        self.encoder = TransformerStack(c)
+        self.norm = layer_norm(c.layer_norm_eps, **kw)
+        if self.proj_dim:
+            self.proj = dense(
+                self.proj_dim, ("embed", "proj"), use_bias=False, init_std=c.width**-0.5, **kw
+            )
+        if self.pooler:
+            self.pooler_dense = dense(c.width, ("embed", "mlp"), init_std=c.init_std, **kw)
+
+    def embed(self, images: jax.Array) -> jax.Array:
+        """images [B, H, W, C] -> tokens [B, 1 + h*w, D]: class token + patches + posemb.
+
+        Other image sizes than `image_size` get a bicubically resized positional grid.
+        """
+        if images.ndim != 4 or images.shape[-1] != self.channels:
+            raise ValueError(
+                f"expected NHWC images with {self.channels} channels, got shape {images.shape}"
+            )
+        x = self.patch_embed(images.astype(self.transformer.dtype))
+        b, h, w, d = x.shape
+        grid = self.image_size // self.patch_size
+        posemb = self.posemb if (h, w) == (grid, grid) else resize_posemb(self.posemb, (h, w))
+        cls = jnp.broadcast_to(self.cls.astype(x.dtype), (b, 1, d))
+        return jnp.concatenate([cls, x.reshape(b, h * w, d)], axis=1) + posemb.astype(x.dtype)
+
+    def encode(
+        self, tokens: jax.Array, *, train: bool = False, prompt_fn: PromptFn | None = None
+    ) -> dict[str, jax.Array]:
+        """Runs ln_pre, the blocks and the heads on embedded tokens [B, 1 + N, D]."""
+        x = self.ln_pre(tokens) if self.layout == "clip" else tokens
+        x, prompt_out = self.encoder(x, deterministic=not train, prompt_fn=prompt_fn)
+        if self.layout == "clip":
+            cls = self.norm(x[:, 0])
+            out = {"tokens": x, "pooler_output": cls, "pooled": cls}
+            if self.proj_dim:
+                out["pooled"] = self.proj(cls)
+        else:
+            x = self.norm(x)
+            out = {"tokens": x, "pooled": x[:, 0]}
+            if self.pooler:
+                out["pooler_output"] = jnp.tanh(self.pooler_dense(x[:, 0]))
+        if prompt_out is not None:
+            out["prompt_tokens"] = prompt_out
+        return out
+
+    def __call__(
+        self, images: jax.Array, *, train: bool = False, prompt_fn: PromptFn | None = None
+    ) -> dict[str, jax.Array]:
+        """images [B, H, W, C] -> outputs dict (see the module docstring)."""
+        return self.encode(self.embed(images), train=train, prompt_fn=prompt_fn)
+
+    def example_inputs(self, batch: int = 1) -> tuple[jax.Array, ...]:
+        """Dummy positional inputs for `init`: (images [batch, S, S, C],)."""
+        return (jnp.zeros((batch, self.image_size, self.image_size, self.channels)),)

@@ -1,0 +1,257 @@
+"""The one generic training loop: init -> restore -> steps -> eval -> save.
+
+It knows methods only through `methods.base.Method`, and never branches on a method's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import parameter_overview
+
+from medvlp_jax import checkpointing, evaluate, optim
+from medvlp_jax.data import pipeline, sources, tokenize
+from medvlp_jax.methods.base import Method, SetupContext, get_method
+from medvlp_jax.metric_writer import MetricWriter
+from medvlp_jax.parallel import mesh as mesh_lib
+from medvlp_jax.parallel.sharding import (
+    ACTIVATION_RULES,
+    replicated,
+    shardings_like_params,
+    strip_boxes,
+    variable_shardings,
+)
+from medvlp_jax.state import TrainState
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything built once per run: the state, its shardings and the compiled step."""
+
+    state: TrainState
+    shardings: TrainState
+    step_fn: object
+    lr_fn: object
+
+
+def _peek(iterator) -> dict:
+    """The next batch of a checkpointable iterator, leaving its position unchanged."""
+    position = iterator.get_state()
+    batch = next(iterator)
+    iterator.set_state(position)
+    return batch
+
+
+def batch_shardings(mesh, batch: dict) -> dict:
+    return {k: mesh_lib.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+
+
+def create_state(
+    config: ml_collections.ConfigDict, method: Method, mesh, example: dict
+) -> tuple[TrainState, TrainState, optax.GradientTransformation, object, object]:
+    """Initialises a sharded train state. Returns (state, shardings, tx, lr_fn, trainable)."""
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    abstract = jax.eval_shape(method.init, init_rng, example)
+    var_shardings = variable_shardings(abstract, mesh)
+    variables = jax.jit(
+        lambda rng, batch: strip_boxes(method.init(rng, batch)), out_shardings=var_shardings
+    )(init_rng, example)
+    variables = jax.device_put(method.load_pretrained(variables), var_shardings)
+    if config.init.checkpoint:
+        params = checkpointing.load_params(config.init.checkpoint, variables["params"])
+        variables = {**variables, "params": jax.device_put(params, var_shardings["params"])}
+        logging.info("loaded weights from %s", config.init.checkpoint)
+
+    params = variables["params"]
+    model_state = {k: v for k, v in variables.items() if k != "params"}
+    trainable = method.trainable(params)
+    tx, lr_fn = optim.build(config.optim, params, trainable, config.train.num_steps)
+    param_shardings = var_shardings["params"]
+    opt_shardings = shardings_like_params(
+        jax.eval_shape(tx.init, params), params, param_shardings, mesh
+    )
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    shardings = TrainState(
+        step=replicated(mesh),
+        params=param_shardings,
+        opt_state=opt_shardings,
+        model_state={k: var_shardings[k] for k in model_state},
+        rng=replicated(mesh),
+    )
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=opt_state,
+        model_state=model_state,
+        rng=state_rng,
+    )
+    return jax.device_put(state, shardings), shardings, tx, lr_fn, trainable
+
+
+def make_step_fn(method: Method, tx, lr_fn, trainable):
+    """The pure train step `(state, batch) -> (state, metrics)`. Frozen parameters are passed
+    through untouched, so they stay bit-identical."""
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(state.rng, state.step)
+
+        def loss_fn(params):
+            variables = {"params": params, **state.model_state}
+            loss, metrics, new_model_state = method.loss(variables, batch, rng, train=True)
+            return loss, (metrics, new_model_state)
+
+        (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = jax.tree.map(
+            lambda p, u, t: optax.apply_updates(p, u) if t else p, state.params, updates, trainable
+        )
+        metrics = {**metrics, "loss": loss, "lr": lr_fn(state.step)}
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            model_state={**state.model_state, **model_state},
+        )
+        return new_state, metrics
+
+    return step
+
+
+class _StopFlag:
+    """Set by SIGTERM: the loop saves a checkpoint after the current step and returns."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM: saving a checkpoint after this step, then stopping")
+        self.raised = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _log_overview(params, trainable) -> None:
+    total = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    n_train = sum(
+        int(np.prod(p.shape))
+        for p, t in zip(jax.tree.leaves(params), jax.tree.leaves(trainable), strict=True)
+        if t
+    )
+    logging.info("parameters:\n%s", parameter_overview.get_parameter_overview(params))
+    logging.info(
+        "trainable %d of %d parameters (%.1f%%); frozen %d",
+        n_train,
+        total,
+        100.0 * n_train / max(total, 1),
+        total - n_train,
+    )
+
+
+def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+    """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the last eval
+    metrics."""
+    workdir = Path(workdir)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    mesh_lib.check_batch_divides(mesh, config.data.batch_size, "data.batch_size")
+    mesh_lib.check_batch_divides(mesh, config.data.eval_batch_size, "data.eval_batch_size")
+    method = get_method(config)
+    tokenizer = tokenize.load_tokenizer(config.data.tokenizer)
+    records = sources.load_records(config.data, "train")
+    method.setup(SetupContext(config, workdir, mesh, tokenizer, records))
+    data_iter = pipeline.train_iterator(
+        config.data,
+        records,
+        tokenizer,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        hooks=method.data_hooks(tokenizer),
+    )
+    writer = MetricWriter(workdir)
+    ckpt = checkpointing.Checkpointer(
+        workdir / "checkpoints",
+        keep=config.train.keep_checkpoints,
+        best_metric=config.train.keep_best_metric,
+    )
+    evaluator = evaluate.Evaluator(config, method, mesh, tokenizer)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(ACTIVATION_RULES):
+        example = _peek(data_iter)
+        example = mesh_lib.global_batch(mesh, example)
+        state, shardings, tx, lr_fn, trainable = create_state(config, method, mesh, example)
+        _log_overview(state.params, trainable)
+        if ckpt.latest_step() is not None:
+            abstract = jax.tree.map(
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+            )
+            state = ckpt.restore(abstract, data_iter)
+            logging.info("resumed from step %d (%s)", int(state.step), ckpt.latest_step())
+            print(f"resuming from step {int(state.step)}", flush=True)
+        step_fn = jax.jit(
+            make_step_fn(method, tx, lr_fn, trainable),
+            in_shardings=(shardings, batch_shardings(mesh, example)),
+            out_shardings=(shardings, replicated(mesh)),
+            donate_argnums=(0,),
+        )
+        metrics = _loop(config, state, step_fn, data_iter, mesh, ckpt, writer, evaluator)
+    ckpt.close()
+    writer.close()
+    return metrics
+
+
+def _loop(config, state, step_fn, data_iter, mesh, ckpt, writer, evaluator) -> dict:
+    train_cfg = config.train
+    num_steps = train_cfg.num_steps
+    first = int(state.step)
+    stop = _StopFlag()
+    eval_metrics: dict = {}
+    tick, tick_step = time.time(), first
+    try:
+        for step in range(first + 1, num_steps + 1):
+            batch = mesh_lib.global_batch(mesh, next(data_iter))
+            state, metrics = step_fn(state, batch)
+            if step % train_cfg.log_every == 0 or step == num_steps:
+                metrics = jax.device_get(metrics)
+                elapsed = time.time() - tick
+                per_step = elapsed / max(step - tick_step, 1)
+                metrics = {f"train/{k}": v for k, v in metrics.items()}
+                metrics["train/examples_per_s"] = config.data.batch_size / max(per_step, 1e-9)
+                writer.write(step, metrics)
+                print(
+                    f"step {step}/{num_steps} loss {float(metrics['train/loss']):.4f} "
+                    f"{metrics['train/examples_per_s']:.1f} ex/s "
+                    f"ETA {per_step * (num_steps - step):.0f}s",
+                    flush=True,
+                )
+                tick, tick_step = time.time(), step
+            last = step == num_steps
+            if step % train_cfg.eval_every == 0 or last:
+                eval_metrics = evaluator.run(state)
+                writer.write(step, eval_metrics)
+            if step % train_cfg.checkpoint_every == 0 or last or stop.raised:
+                ckpt.save(
+                    state,
+                    data_iter,
+                    eval_metrics if step % train_cfg.eval_every == 0 or last else None,
+                )
+            if stop.raised:
+                break
+    finally:
+        stop.restore()
+        ckpt.wait()
+    if first == num_steps:
+        eval_metrics = evaluator.run(state)
+    return eval_metrics
