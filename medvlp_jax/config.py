@@ -97,6 +97,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.evals.linear_probe.l2_grid = (1e-4, 1e-2, 1.0)  # chosen on the validate split
 
     c.distributed = default_distributed_config()
+
+    # `python -m medvlp_jax.bench quality` runs the config once per variant:
+    # "name:key=value;key=value" (overrides as on the command line, without --config.).
+    c.bench = ml_collections.ConfigDict()
+    c.bench.variants = ()
     return c
 
 
@@ -164,6 +169,27 @@ def check_overrides(config: ml_collections.ConfigDict, argv: Sequence[str]) -> N
             raise ConfigError(f"--config.{path} is a section; set one of its fields")
         if "=" in arg:
             _check_value(path, current, text)
+
+
+def _parse(current, text: str):
+    """`text` as the type of the field's `current` value (tuples: comma-separated)."""
+    if isinstance(current, bool):
+        return text.lower() in ("true", "1")
+    if isinstance(current, tuple):
+        return tuple(type(current[0])(t) if current else t for t in text.split(",") if t)
+    return type(current)(text) if current is not None else text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]):
+    """Returns a copy of `config` with "a.b=value" overrides applied (checked like the CLI's)."""
+    check_overrides(config, [f"--config.{o}" for o in overrides])
+    config = ml_collections.ConfigDict(config.to_dict())
+    for override in overrides:
+        path, _, text = override.partition("=")
+        parent, _, leaf = path.rpartition(".")
+        node = _lookup(config, parent) if parent else config
+        node[leaf] = _parse(node[leaf], text)
+    return config
 
 
 def check_choices(config: ml_collections.ConfigDict) -> None:

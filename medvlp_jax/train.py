@@ -18,11 +18,14 @@ import numpy as np
 import optax
 from absl import logging
 from clu import parameter_overview
+from jax.experimental import multihost_utils
 
 from medvlp_jax import checkpointing, evaluate, optim
 from medvlp_jax.data import pipeline, sources, tokenize
+from medvlp_jax.data.bad_records import BadRecordReport
 from medvlp_jax.methods.base import Method, SetupContext, get_method
 from medvlp_jax.metric_writer import MetricWriter
+from medvlp_jax.parallel import distributed
 from medvlp_jax.parallel import mesh as mesh_lib
 from medvlp_jax.parallel.sharding import (
     ACTIVATION_RULES,
@@ -56,13 +59,49 @@ def batch_shardings(mesh, batch: dict) -> dict:
     return {k: mesh_lib.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
 
 
+def abstract_state(
+    config: ml_collections.ConfigDict, method: Method, mesh, example: dict
+) -> tuple[TrainState, TrainState, optax.GradientTransformation, object, object]:
+    """The train state as sharded `jax.ShapeDtypeStruct`s, allocating nothing (memory
+    planning, AOT compilation). `example` may be abstract too.
+
+    Returns (abstract state, shardings, tx, lr_fn, trainable).
+    """
+    rng = jax.eval_shape(jax.random.PRNGKey, config.seed)
+    boxed = jax.eval_shape(method.init, rng, example)
+    var_shardings = variable_shardings(boxed, mesh)
+    variables = strip_boxes(boxed)
+    params = variables["params"]
+    trainable = method.trainable(params)
+    tx, lr_fn = optim.build(config.optim, params, trainable, config.train.num_steps)
+    opt_state = jax.eval_shape(tx.init, params)
+    shardings = TrainState(
+        step=replicated(mesh),
+        params=var_shardings["params"],
+        opt_state=shardings_like_params(opt_state, params, var_shardings["params"], mesh),
+        model_state={k: var_shardings[k] for k in variables if k != "params"},
+        rng=replicated(mesh),
+    )
+    state = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=params,
+        opt_state=opt_state,
+        model_state={k: v for k, v in variables.items() if k != "params"},
+        rng=rng,
+    )
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+    )
+    return abstract, shardings, tx, lr_fn, trainable
+
+
 def create_state(
     config: ml_collections.ConfigDict, method: Method, mesh, example: dict
 ) -> tuple[TrainState, TrainState, optax.GradientTransformation, object, object]:
     """Initialises a sharded train state. Returns (state, shardings, tx, lr_fn, trainable)."""
+    _, shardings, tx, lr_fn, trainable = abstract_state(config, method, mesh, example)
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    abstract = jax.eval_shape(method.init, init_rng, example)
-    var_shardings = variable_shardings(abstract, mesh)
+    var_shardings = {"params": shardings.params, **shardings.model_state}
     variables = jax.jit(
         lambda rng, batch: strip_boxes(method.init(rng, batch)), out_shardings=var_shardings
     )(init_rng, example)
@@ -72,27 +111,11 @@ def create_state(
         variables = {**variables, "params": jax.device_put(params, var_shardings["params"])}
         logging.info("loaded weights from %s", config.init.checkpoint)
 
-    params = variables["params"]
-    model_state = {k: v for k, v in variables.items() if k != "params"}
-    trainable = method.trainable(params)
-    tx, lr_fn = optim.build(config.optim, params, trainable, config.train.num_steps)
-    param_shardings = var_shardings["params"]
-    opt_shardings = shardings_like_params(
-        jax.eval_shape(tx.init, params), params, param_shardings, mesh
-    )
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    shardings = TrainState(
-        step=replicated(mesh),
-        params=param_shardings,
-        opt_state=opt_shardings,
-        model_state={k: var_shardings[k] for k in model_state},
-        rng=replicated(mesh),
-    )
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=opt_state,
-        model_state=model_state,
+        params=variables["params"],
+        opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(variables["params"]),
+        model_state={k: v for k, v in variables.items() if k != "params"},
         rng=state_rng,
     )
     return jax.device_put(state, shardings), shardings, tx, lr_fn, trainable
@@ -130,18 +153,36 @@ def make_step_fn(method: Method, tx, lr_fn, trainable):
 
 
 class _StopFlag:
-    """Set by SIGTERM: the loop saves a checkpoint after the current step and returns."""
+    """SIGTERM: the loop saves a checkpoint after the current step and returns.
+
+    In a `jax.distributed` job JAX's preemption notifier owns SIGTERM, and
+    `reached_preemption_sync_point` returns True on every process at the same step, so all of
+    them save that step together (a per-process flag could send one process into the
+    checkpoint's collectives while another runs the next step). Otherwise a signal handler
+    sets a flag. Call `should_stop(step)` once per step, on every process.
+    """
 
     def __init__(self):
-        self.raised = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._raised = False
+        self._distributed = distributed.is_initialized()
+        if not self._distributed:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM: saving a checkpoint after this step, then stopping")
-        self.raised = True
+        self._raised = True
+
+    def should_stop(self, step: int) -> bool:
+        if self._distributed and multihost_utils.reached_preemption_sync_point(step):
+            logging.warning(
+                "preemption notice: saving a checkpoint at step %d, then stopping", step
+            )
+            return True
+        return self._raised
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if not self._distributed:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _log_overview(params, trainable) -> None:
@@ -170,7 +211,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     mesh_lib.check_batch_divides(mesh, config.data.eval_batch_size, "data.eval_batch_size")
     method = get_method(config)
     tokenizer = tokenize.load_tokenizer(config.data.tokenizer)
-    records = sources.load_records(config.data, "train")
+    bad_records = BadRecordReport()
+    records = sources.load_records(config.data, "train", bad_records)
     method.setup(SetupContext(config, workdir, mesh, tokenizer, records))
     data_iter = pipeline.train_iterator(
         config.data,
@@ -182,6 +224,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
         hooks=method.data_hooks(tokenizer),
     )
     writer = MetricWriter(workdir)
+    writer.write(0, bad_records.metrics("data/train/"))
     ckpt = checkpointing.Checkpointer(
         workdir / "checkpoints",
         keep=config.train.keep_checkpoints,
@@ -238,16 +281,14 @@ def _loop(config, state, step_fn, data_iter, mesh, ckpt, writer, evaluator) -> d
                 )
                 tick, tick_step = time.time(), step
             last = step == num_steps
-            if step % train_cfg.eval_every == 0 or last:
+            evaluated = step % train_cfg.eval_every == 0 or last
+            if evaluated:
                 eval_metrics = evaluator.run(state)
                 writer.write(step, eval_metrics)
-            if step % train_cfg.checkpoint_every == 0 or last or stop.raised:
-                ckpt.save(
-                    state,
-                    data_iter,
-                    eval_metrics if step % train_cfg.eval_every == 0 or last else None,
-                )
-            if stop.raised:
+            stopping = stop.should_stop(step)
+            if step % train_cfg.checkpoint_every == 0 or last or stopping:
+                ckpt.save(state, data_iter, eval_metrics if evaluated else None)
+            if stopping:
                 break
     finally:
         stop.restore()

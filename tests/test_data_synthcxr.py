@@ -3,6 +3,7 @@
 import csv
 import json
 import re
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -155,11 +156,17 @@ def test_reports_sections_hedges_and_negations(medium):
 
 
 def test_mcpl_keywords_found(medium):
+    vocab = json.loads(
+        resources.files("medvlp_jax.data").joinpath("mcpl_ap_vocab.json").read_text()
+    )
+    assert set(ANATOMY) <= set(vocab["anatomy"]) and set(PATHOLOGY) <= set(vocab["pathology"])
     words = set()
     for s in _frontal_studies(medium):
         words |= set(re.findall(r"[a-z]+", s.report.lower()))
     assert [w for w in ANATOMY if w not in words] == []
     assert [w for w in PATHOLOGY if w not in words] == []
+    assert sum(w in words for w in vocab["anatomy"]) >= 45
+    assert sum(w in words for w in vocab["pathology"]) >= 20
     # each stated finding carries its keyword
     keyword = {
         "Pleural Effusion": "effusion",
@@ -189,7 +196,9 @@ def test_effusion_side_in_report_is_the_brighter_base(medium):
     confounders = ("Atelectasis", "Consolidation", "Pneumonia", "Lung Lesion")
     checked, correct = 0, 0
     for s in _frontal_studies(medium):
-        if s.labels["Pleural Effusion"] != "1.0" or any(s.labels[c] in ("1.0", "-1.0") for c in confounders):
+        if s.labels["Pleural Effusion"] != "1.0" or any(
+            s.labels[c] in ("1.0", "-1.0") for c in confounders
+        ):
             continue
         sides = _effusion_sides(s)
         if len(sides) != 1:
@@ -277,10 +286,15 @@ def test_too_few_test_studies_for_zero_shot(tmp_path):
         generate(tmp_path / "x", 10, 64, 0, zero_shot_per_class=5)
 
 
+def _entries(folder: Path) -> list[str]:
+    """Folder entries other than lock files."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock"))
+
+
 def test_ensure_reuses_and_is_atomic(tmp_path, monkeypatch):
     root = ensure_synthcxr(tmp_path, 12, 32, 3)
     assert root == tmp_path / "synthcxr-n12-s32-seed3" and (root / INFO_JSON).exists()
-    assert [p.name for p in tmp_path.iterdir()] == [root.name]  # no temporary left behind
+    assert _entries(tmp_path) == [root.name]  # no temporary left behind
 
     def fail(*args, **kwargs):
         raise AssertionError("should not regenerate")
@@ -295,7 +309,7 @@ def test_ensure_reuses_and_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(dataset_module, "generate", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ensure_synthcxr(tmp_path, 13, 32, 3)
-    assert [p.name for p in tmp_path.iterdir()] == [root.name]  # nothing half-written
+    assert _entries(tmp_path) == [root.name]  # nothing half-written
 
 
 def test_cache_dir_from_environment(tmp_path, monkeypatch):

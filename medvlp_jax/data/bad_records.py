@@ -27,6 +27,9 @@ class BadRecordError(ValueError):
         self.path = path
         self.reason = reason
 
+    def __reduce__(self):  # picklable, so worker processes can raise it
+        return (BadRecordError, (self.path, self.reason))
+
 
 @dataclasses.dataclass
 class BadRecordReport:

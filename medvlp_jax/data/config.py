@@ -58,6 +58,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.channels = 3
     c.mean = (0.5,)
     c.std = (0.5,)
+    # Training augmentation (one affine resampling per image): random resized crop (area
+    # fraction, aspect range), rotation in +-degrees, translation in +-fraction of the side.
     c.augment = ml_collections.ConfigDict()
     c.augment.enabled = True
     c.augment.random_resized_crop_scale = (0.8, 1.0)
@@ -74,8 +76,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     # Batching: global batch sizes (per process = size // process_count).
     c.batch_size = 32
     c.eval_batch_size = 64
+    # Worker processes (grain mp_prefetch; 0 = the main process with `prefetch` threads).
     c.num_workers = 0
+    # Batches prepared ahead (threads with 0 workers, else each worker's buffer).
     c.prefetch = 2
+    # Seed of eval_batches(augment=True); training order comes from train_iterator's `seed`.
     c.shuffle_seed = 0
     return c
 

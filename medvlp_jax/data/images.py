@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 from PIL import Image
 
 from medvlp_jax.data.dicom import read_dicom
@@ -62,22 +63,35 @@ def check_image(path: str, mode: str = "header") -> str | None:
     return reason
 
 
-def decode(path: str, mode: str = "L", min_size: int = 0) -> Image.Image:
-    """Decodes an image file to a PIL image.
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+def decode(path: str, color: bool = False, min_size: int = 0) -> Image.Image:
+    """Decodes an image file to a PIL image, grayscale unless asked to keep colour.
 
     Args:
-      path: JPEG / PNG / any PIL format, or DICOM (.dcm: float 'F' image in [0, 1]).
-      mode: 'L' (grayscale) or 'RGB' for PIL formats (grayscale sources are repeated).
+      path: JPEG / PNG / any PIL format, or DICOM (.dcm / .dicom).
+      color: keep colour sources as 'RGB' (grayscale sources stay grayscale either way).
       min_size: if > 0, JPEGs may be decoded at a reduced DCT scale as long as both sides
         stay >= min_size (much faster for large radiographs).
 
     Returns:
-      A loaded PIL image ('L', 'RGB' or 'F').
+      A loaded PIL image: 'L' (8-bit), 'F' (DICOM and 16/32-bit sources, values in [0, 1]),
+      or 'RGB' (colour sources when `color`).
     """
     if is_dicom(path):
         return Image.fromarray(read_dicom(path), "F")
     with Image.open(path) as img:
+        keep_color = color and img.mode not in _GRAY_MODES
         if min_size > 0 and img.format == "JPEG":
-            img.draft(mode, (min_size, min_size))
+            img.draft("RGB" if keep_color else "L", (min_size, min_size))
         img.load()
-        return img.convert(mode) if img.mode != mode else img.copy()
+        if keep_color:
+            return img.convert("RGB")
+        if img.mode.startswith("I"):  # 16/32-bit grayscale: scale to [0, 1]
+            arr = np.asarray(img, np.float32)
+            top = 65535.0 if img.mode.startswith("I;16") else max(65535.0, float(arr.max()))
+            return Image.fromarray(arr / top, "F")
+        if img.mode == "F":
+            return img.copy()
+        return img.convert("L")

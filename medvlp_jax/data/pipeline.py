@@ -84,7 +84,10 @@ class DataIterator(grain.DatasetIterator):
         self._layout = layout
 
     def __next__(self) -> dict:
-        return next(self._parent)
+        batch = next(self._parent)
+        # Worker processes hand batches over in shared memory; copy them into ordinary arrays
+        # so that no shared-memory block outlives the iterator.
+        return {k: v if type(v) is np.ndarray else np.array(v) for k, v in batch.items()}
 
     def get_state(self) -> dict:
         return {**self._layout, "pipeline": self._parent.get_state()}

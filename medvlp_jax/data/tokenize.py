@@ -57,3 +57,42 @@ def tokenize(tokenizer, texts, max_len: int) -> tuple[np.ndarray, np.ndarray]:
         return_tensors="np",
     )
     return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+
+
+class TextEncoder:
+    """`tokenize` for pipelines: picklable and light in worker processes.
+
+    Holds the fast tokenizer's Rust backend (`tokenizers.Tokenizer`, serialised as JSON),
+    so worker processes need not import transformers; tokenizers without a fast backend
+    are used through `tokenize`.
+    """
+
+    def __init__(self, tokenizer, max_len: int):
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.max_len = max_len
+        self._json = backend.to_str() if backend is not None else None
+        self._hf = None if backend is not None else tokenizer
+        self._pad = (tokenizer.pad_token_id, tokenizer.pad_token)
+        self._backend = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_backend": None}
+
+    def _load(self):
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(self._json)
+        backend.enable_truncation(self.max_len)
+        backend.enable_padding(length=self.max_len, pad_id=self._pad[0], pad_token=self._pad[1])
+        return backend
+
+    def __call__(self, texts) -> tuple[np.ndarray, np.ndarray]:
+        """Texts [N] -> (input_ids int32 [N, T], attention_mask int32 [N, T])."""
+        if self._hf is not None:
+            return tokenize(self._hf, texts, self.max_len)
+        if self._backend is None:
+            self._backend = self._load()
+        encodings = self._backend.encode_batch(list(texts))
+        ids = np.array([e.ids for e in encodings], np.int32).reshape(len(encodings), self.max_len)
+        mask = np.array([e.attention_mask for e in encodings], np.int32).reshape(ids.shape)
+        return ids, mask

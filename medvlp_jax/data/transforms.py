@@ -16,7 +16,7 @@ from PIL import Image
 
 from medvlp_jax.data.bad_records import BadRecordError
 from medvlp_jax.data.images import decode
-from medvlp_jax.data.tokenize import tokenize
+from medvlp_jax.data.tokenize import TextEncoder
 
 UNCERTAIN_POLICIES = ("ones", "zeros", "ignore")
 
@@ -94,7 +94,10 @@ def random_resized_box(width, height, scale, ratio, rng: np.random.Generator):
 
 
 def _to_array(img: Image.Image, spec: ImageSpec) -> np.ndarray:
-    """PIL image -> normalised float32 [S, S, C] (grayscale repeated to C channels)."""
+    """PIL image -> normalised float32 [S, S, C] (grayscale repeated to C channels).
+
+    Geometry runs on the single-channel image; channels are repeated only here.
+    """
     arr = np.asarray(img, np.float32)
     if img.mode != "F":
         arr = arr / 255.0
@@ -104,7 +107,7 @@ def _to_array(img: Image.Image, spec: ImageSpec) -> np.ndarray:
     std = np.asarray(spec.std, np.float32)
     out = (arr - mean) / std
     shape = (spec.image_size, spec.image_size, spec.channels)
-    return np.ascontiguousarray(np.broadcast_to(out, shape), np.float32)
+    return np.broadcast_to(out, shape)  # a view; batching copies it
 
 
 def load_image(path: str, spec: ImageSpec, rng: np.random.Generator | None) -> np.ndarray:
@@ -117,7 +120,7 @@ def load_image(path: str, spec: ImageSpec, rng: np.random.Generator | None) -> n
       BadRecordError: the file cannot be decoded (names the path).
     """
     try:
-        img = decode(path, "RGB" if spec.channels == 3 else "L", spec.decode_size)
+        img = decode(path, spec.channels == 3, spec.decode_size)
     except Exception as e:
         raise BadRecordError(
             path,
@@ -129,15 +132,40 @@ def load_image(path: str, spec: ImageSpec, rng: np.random.Generator | None) -> n
         return _to_array(
             img.resize(size, Image.Resampling.BILINEAR, box=center_box(*img.size)), spec
         )
-    box = random_resized_box(*img.size, spec.crop_scale, spec.crop_ratio, rng)
-    img = img.resize(size, Image.Resampling.BILINEAR, box=box)
-    angle = rng.uniform(-spec.degrees, spec.degrees)
-    shift = rng.uniform(-spec.translate, spec.translate, size=2) * spec.image_size
-    if spec.degrees or spec.translate:
-        img = img.rotate(angle, Image.Resampling.BILINEAR, translate=tuple(shift), fillcolor=0)
-    if spec.hflip and rng.random() < 0.5:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return _to_array(img, spec)
+    return _to_array(_augment(img, spec, rng), spec)
+
+
+def _augment(img: Image.Image, spec: ImageSpec, rng: np.random.Generator) -> Image.Image:
+    """Random resized crop, rotation, translation and flip as one affine resampling.
+
+    Output pixel (u, v) reads the input at box_centre + diag(sx, sy) F R (u - h - t) with
+    h the output centre, t the translation, R the rotation, F the optional flip and (sx, sy)
+    the crop-box scale. Crops more than 2x larger than the output are first resized with
+    antialiasing.
+    """
+    s = spec.image_size
+    x0, y0, x1, y1 = random_resized_box(*img.size, spec.crop_scale, spec.crop_ratio, rng)
+    angle = np.deg2rad(rng.uniform(-spec.degrees, spec.degrees))
+    tx, ty = rng.uniform(-spec.translate, spec.translate, size=2) * s
+    flip = -1.0 if spec.hflip and rng.random() < 0.5 else 1.0
+    sx, sy = (x1 - x0) / s, (y1 - y0) / s
+    if max(sx, sy) > 2.0:
+        img = img.resize((s, s), Image.Resampling.BILINEAR, box=(x0, y0, x1, y1))
+        x0, y0, x1, y1, sx, sy = 0.0, 0.0, float(s), float(s), 1.0, 1.0
+    c, si = float(np.cos(angle)), float(np.sin(angle))
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    h = s / 2
+    data = (
+        sx * flip * c,
+        sx * flip * si,
+        cx - sx * flip * (c * (h + tx) + si * (h + ty)),
+        -sy * si,
+        sy * c,
+        cy - sy * (c * (h + ty) - si * (h + tx)),
+    )
+    return img.transform(
+        (s, s), Image.Transform.AFFINE, data, Image.Resampling.BILINEAR, fillcolor=0
+    )
 
 
 class TrainImage(grain.transforms.RandomMap):
@@ -187,14 +215,13 @@ class Features(grain.transforms.Map):
 
     def __init__(self, tokenizer, max_len: int, uncertain_policy: str, hooks=()):
         apply_uncertain_policy(np.zeros(1), uncertain_policy)  # validates the policy
-        self.tokenizer = tokenizer
-        self.max_len = max_len
+        self.encoder = TextEncoder(tokenizer, max_len)
         self.uncertain_policy = uncertain_policy
         self.hooks = tuple(hooks)
 
     def map(self, element: dict) -> dict:
         record = element["record"]
-        ids, mask = tokenize(self.tokenizer, [record.text], self.max_len)
+        ids, mask = self.encoder([record.text])
         labels, label_mask = apply_uncertain_policy(record.labels, self.uncertain_policy)
         out = {k: v for k, v in element.items() if k != "record"}
         out.update(

@@ -21,7 +21,7 @@ Metrics = dict[str, jax.Array]
 REGISTRY = {
     "clip": "medvlp_jax.methods.clip:Clip",
     "mflag": "medvlp_jax.methods.mflag:MFlag",
-    "mcpl": "medvlp_jax.methods.mcpl:Mcpl",
+    "mcpl": "medvlp_jax.methods.mcpl.method:Mcpl",
 }
 
 

@@ -115,7 +115,8 @@ def _fields(cfg: ml_collections.ConfigDict, allowed: tuple[str, ...]) -> dict:
     unknown = sorted(set(given) - set(_DEFAULTS[name]))
     if unknown:
         raise ValueError(
-            f"unknown field(s) {unknown} for tower {name!r}; valid fields: {sorted(_DEFAULTS[name])}"
+            f"unknown field(s) {unknown} for tower {name!r}; "
+            f"valid fields: {sorted(_DEFAULTS[name])}"
         )
     return dict(_DEFAULTS[name], **given, name=name)
 

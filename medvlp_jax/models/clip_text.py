@@ -81,7 +81,9 @@ class CLIPTextEncoder(nn.Module):
         """
         t = input_ids.shape[1]
         if t > self.max_len:
-            raise ValueError(f"sequence length {t} exceeds this CLIP text tower's max_len {self.max_len}")
+            raise ValueError(
+                f"sequence length {t} exceeds this CLIP text tower's max_len {self.max_len}"
+            )
         if inputs_embeds is None:
             inputs_embeds = self.token_embedding(input_ids)
         posemb = self.posemb[:t] if position_ids is None else self.posemb[position_ids]
@@ -91,7 +93,11 @@ class CLIPTextEncoder(nn.Module):
         )
         x = self.final_norm(x)
         eot = x[jnp.arange(x.shape[0]), eot_positions(input_ids, self.eos_token_id)]
-        out = {"tokens": x, "pooler_output": eot, "pooled": self.proj(eot) if self.proj_dim else eot}
+        out = {
+            "tokens": x,
+            "pooler_output": eot,
+            "pooled": self.proj(eot) if self.proj_dim else eot,
+        }
         if prompt_out is not None:
             out["prompt_tokens"] = prompt_out
         return out

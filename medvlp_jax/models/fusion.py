@@ -26,7 +26,6 @@ class CoAttentionLayer(nn.Module):
         y: jax.Array,
         x_mask: jax.Array | None = None,
         y_mask: jax.Array | None = None,
-        *,
         deterministic: bool = True,
     ) -> tuple[jax.Array, jax.Array]:
         """x [B, T, D], y [B, N, D] (masks [B, T] / [B, N], 1 = token) -> (x', y')."""
@@ -41,7 +40,7 @@ class CoAttentionLayer(nn.Module):
 
 
 class CoAttentionFusion(nn.Module):
-    """`cfg.num_layers` co-attention layers (layer_0 ..). Post-LN per the fusion recipe."""
+    """`cfg.num_layers` co-attention layers (layer_0 ..), post-LN; `cfg.remat` applies."""
 
     cfg: TransformerConfig
 
@@ -58,8 +57,9 @@ class CoAttentionFusion(nn.Module):
         """x [B, T, D], y [B, N, D] -> the two streams after all layers."""
         if self.cfg.norm_first:
             raise ValueError("the co-attention fusion is post-LN: set norm_first=False")
+        layer_cls = (
+            nn.remat(CoAttentionLayer, static_argnums=(5,)) if self.cfg.remat else CoAttentionLayer
+        )
         for i in range(self.cfg.num_layers):
-            x, y = CoAttentionLayer(self.cfg, name=f"layer_{i}")(
-                x, y, x_mask, y_mask, deterministic=deterministic
-            )
+            x, y = layer_cls(self.cfg, name=f"layer_{i}")(x, y, x_mask, y_mask, deterministic)
         return x, y

@@ -110,6 +110,11 @@ class MLPHead(nn.Module):
         if self.final_norm != "none":
             affine = self.final_norm == "bn"
             x = batch_norm(
-                train=train, use_scale=affine, use_bias=affine, axis_name="proj", name="bn_final", **kw
+                train=train,
+                use_scale=affine,
+                use_bias=affine,
+                axis_name="proj",
+                name="bn_final",
+                **kw,
             )(x)
         return x

@@ -39,7 +39,9 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     """The activation function called `name` (a Hugging Face `hidden_act` value)."""
     if name not in ACTIVATIONS:
-        raise ValueError(f"activation {name!r} is not supported; choose one of {sorted(ACTIVATIONS)}")
+        raise ValueError(
+            f"activation {name!r} is not supported; choose one of {sorted(ACTIVATIONS)}"
+        )
     return ACTIVATIONS[name]
 
 
@@ -78,9 +80,13 @@ def layer_norm(
     param_dtype: Dtype = jnp.float32,
     name: str | None = None,
 ) -> nn.LayerNorm:
-    """A `nn.LayerNorm` over the last axis whose scale/bias are annotated with `axis_name`."""
+    """A `nn.LayerNorm` over the last axis whose scale/bias are annotated with `axis_name`.
+
+    Variance is computed in two passes (E[(x - mean)^2]) as PyTorch does, not E[x^2] - mean^2.
+    """
     return nn.LayerNorm(
         epsilon=epsilon,
+        use_fast_variance=False,
         scale_init=partitioned(nn.initializers.ones_init(), axis_name),
         bias_init=partitioned(nn.initializers.zeros_init(), axis_name),
         dtype=dtype,
@@ -105,10 +111,13 @@ def batch_norm(
 
     `train=True` normalises with batch statistics and updates `batch_stats` (apply with
     `mutable=['batch_stats']`); under `jax.jit` with a sharded batch the statistics are over
-    the global batch.
+    the global batch. Batch variances are two-pass as in PyTorch. Running variances average
+    the biased batch variance (PyTorch averages the unbiased one: a factor n / (n - 1) on each
+    update), which only matters for training parity, not for imported eval-mode statistics.
     """
     return nn.BatchNorm(
         use_running_average=not train,
+        use_fast_variance=False,
         momentum=momentum,
         epsilon=epsilon,
         use_scale=use_scale,

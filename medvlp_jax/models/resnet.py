@@ -62,7 +62,7 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        bn = lambda name: batch_norm(train=train, name=name, **kw)  # noqa: E731
+        bn = lambda name: batch_norm(train=train, name=name, **kw)
         y = nn.relu(bn("bn1")(conv(self.planes, 1, name="conv1", **kw)(x)))
         y = nn.relu(bn("bn2")(conv(self.planes, 3, self.stride, name="conv2", **kw)(y)))
         y = bn("bn3")(conv(self.planes * EXPANSION, 1, name="conv3", **kw)(y))

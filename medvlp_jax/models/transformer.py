@@ -156,7 +156,7 @@ class TransformerLayer(nn.Module):
         """
         if self.cross_attention and context is None:
             raise ValueError("this layer has cross-attention: pass context [B, S, E]")
-        drop = lambda y: self.dropout(y, deterministic=deterministic)  # noqa: E731
+        drop = lambda y: self.dropout(y, deterministic=deterministic)
         attn_kw = dict(causal=self.causal, deterministic=deterministic)
         if self.cfg.norm_first:
             v = None if values is None else self.attn_norm(values)
@@ -284,4 +284,3 @@ class TransformerStack(nn.Module):
             x, mask, context, context_mask
         )
         return x
-

@@ -43,7 +43,7 @@ def resize_posemb_grid(grid: jax.Array, new_hw: tuple[int, int]) -> jax.Array:
 def resize_posemb(posemb: jax.Array, new_hw: tuple[int, int], num_prefix: int = 1) -> jax.Array:
     """[num_prefix + h*w, D] table (square h = w) -> [num_prefix + h'*w', D]; prefix rows kept."""
     prefix, grid = posemb[:num_prefix], posemb[num_prefix:]
-    side = int(round(grid.shape[0] ** 0.5))
+    side = round(grid.shape[0] ** 0.5)
     if side * side != grid.shape[0]:
         raise ValueError(f"positional grid of {grid.shape[0]} rows is not square")
     grid = resize_posemb_grid(grid.reshape(side, side, -1), new_hw)
@@ -89,7 +89,10 @@ class VisionTransformer(nn.Module):
         init = nn.initializers.normal(c.init_std)
         self.cls = self.param("cls", partitioned(init, "embed"), (c.width,), c.param_dtype)
         self.posemb = self.param(
-            "posemb", partitioned(init, "position", "embed"), (1 + grid * grid, c.width), c.param_dtype
+            "posemb",
+            partitioned(init, "position", "embed"),
+            (1 + grid * grid, c.width),
+            c.param_dtype,
         )
         if clip:
             self.ln_pre = layer_norm(c.layer_norm_eps, **kw)

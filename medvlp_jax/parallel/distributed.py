@@ -331,6 +331,11 @@ def initialize(dist_cfg) -> None:
         _install_failure_handling(float(dist_cfg.peer_failure_poll_s))
 
 
+def is_initialized() -> bool:
+    """True once `jax.distributed` is set up in this process (by `initialize` or directly)."""
+    return _client() is not None
+
+
 def process_index_and_count() -> tuple[int, int]:
     """(process id, process count) as set up by `initialize`; (0, 1) before or when single."""
     return _state["process_id"], _state["num_processes"]

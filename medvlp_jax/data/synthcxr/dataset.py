@@ -20,6 +20,7 @@ import concurrent.futures
 import csv
 import dataclasses
 import datetime
+import fcntl
 import json
 import logging
 import math
@@ -304,15 +305,26 @@ def ensure_synthcxr(
     """The SynthCXR tree `<cache_dir>/synthcxr-n{N}-s{S}-seed{K}`, generated on first use.
 
     Generation writes a temporary sibling folder and renames it into place, so an
-    interrupted run never leaves a partial tree, and concurrent callers (several processes
-    of one job) end with the same complete tree. A tree of an older generator version is
-    replaced. `cache_dir` '' means $MEDVLP_JAX_CACHE or ~/.cache/medvlp_jax.
+    interrupted run never leaves a partial tree. Concurrent callers (several processes of
+    one job) take turns on a lock file: one generates, the others then find the tree. A
+    tree of an older generator version is replaced. `cache_dir` '' means $MEDVLP_JAX_CACHE
+    or ~/.cache/medvlp_jax.
     """
     base = resolve_cache_dir(str(cache_dir) if cache_dir else "")
     root = base / tree_name(num_studies, image_size, seed, zero_shot_per_class)
     if _is_current(root):
         return root
     base.mkdir(parents=True, exist_ok=True)
+    with open(base / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _is_current(root):
+            _generate_atomically(
+                base, root, num_studies, image_size, seed, zero_shot_per_class, workers
+            )
+    return root
+
+
+def _generate_atomically(base, root, num_studies, image_size, seed, zero_shot_per_class, workers):
     tmp = base / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     if workers is None:
         workers = min(os.cpu_count() or 1, 8) if num_studies >= 1000 else 1
@@ -336,7 +348,6 @@ def ensure_synthcxr(
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return root
 
 
 def read_masks(path) -> dict[str, np.ndarray]:

@@ -96,9 +96,6 @@ class StudySpec:
     impression_only: bool
     lungs_clear: bool  # the report says the lungs are clear (Lung Opacity 0)
 
-    def has(self, name: str) -> bool:
-        return any(f.name == name for f in self.findings)
-
 
 def _side(rng, p_bilateral: float) -> str:
     u = rng.random()

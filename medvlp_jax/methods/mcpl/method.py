@@ -1,0 +1,153 @@
+"""MCPL (Wang et al., IEEE TMI 2024): multi-modal collaborative prompt learning on a frozen
+CLIP-style backbone (the model is described in `model.py`).
+
+Trainable: the prompts, GPCM, prompt-update attentions, relation heads, the AP projection and
+positional table, and the keyword predictor; the backbone (`params/backbone`) is frozen, so the
+trainer gives it no optimizer state. Loss:
+
+    InfoNCE(zimg, ztxt) at fixed temperature `model.temperature` (0.01)
+    + relation_weight * 2 * mean|R_img - R_txt|          (relation consistency)
+    + keyword_weight * BCE(keyword predictor, report keywords)   (touches only the predictor)
+
+During training the image side reads the report's AP keywords; the evaluators' image
+embeddings read the keyword predictor's words (`model.eval_image_keywords='predicted'`), so no
+report leaks into zero-shot, retrieval or probe features.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+
+from medvlp_jax.data import tokenize
+from medvlp_jax.losses.contrastive import clip_loss
+from medvlp_jax.losses.prompts import relation_consistency_loss
+from medvlp_jax.methods.base import Method, SetupContext
+from medvlp_jax.methods.mcpl import backbone
+from medvlp_jax.methods.mcpl.keyword_predictor import keyword_loss
+from medvlp_jax.methods.mcpl.keywords import ApTokenizer, KeywordHook, load_vocab
+from medvlp_jax.methods.mcpl.model import KEYWORD_SOURCES, McplModel, PromptOptions
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+    """`config.model` fields of MCPL and their defaults (configs/mcpl.py sets them)."""
+    m = ml_collections.ConfigDict()
+    m.prompt_depth = 4  # J: layers 0..J-1 carry prompts; 0 = the bare backbone
+    m.num_prompts = 2  # modality prompt tokens per layer and tower
+    m.image_prompts = True  # False: text prompts only (CoOp-style with prompt_depth=1)
+    m.ap_prompt = True  # anatomy-pathology tokens, prompt update and relation loss
+    m.gpcm = True  # GPCM prompt production; False: MaPLe's linear text->image coupling
+    m.prompt_config = "qk_v"  # 'qk_v' (paper) | 'splice' (released code)
+    m.relation_dim = 64
+    m.keyword_hidden = 256  # keyword predictor hidden width (0 = linear)
+    m.keyword_threshold = 0.5
+    m.temperature = 0.01
+    m.relation_weight = 1.0
+    m.keyword_weight = 1.0
+    m.ap_vocab = ""  # '' = the published lists (medvlp_jax/data/mcpl_ap_vocab.json)
+    m.ap_max_len = 32  # L, tokens per AP sequence
+    m.eval_image_keywords = "predicted"  # 'predicted' | 'report' (leaks the report)
+    return m
+
+
+class Mcpl(Method):
+    """Prompt learning on a frozen two-tower backbone; see the module docstring."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        super().__init__(config)
+        m = config.model
+        if m.eval_image_keywords not in KEYWORD_SOURCES:
+            raise ValueError(
+                f"config.model.eval_image_keywords={m.eval_image_keywords!r}; expected one of "
+                f"{KEYWORD_SOURCES}"
+            )
+        self.options = PromptOptions.from_config(m)
+        self.vocab = load_vocab(m.ap_vocab) if self.options.uses_ap else None
+        self.spec = backbone.describe(config)
+        tokenizer = tokenize.load_tokenizer(config.data.tokenizer)
+        self.model = McplModel(
+            self.spec.image,
+            self.spec.text,
+            self.spec.embed_dim,
+            self.spec.text_pooling,
+            self.options,
+            self._ap_tokens(tokenizer),
+        )
+
+    def _ap_tokens(self, tokenizer) -> ApTokenizer | None:
+        if self.vocab is None:
+            return None
+        return ApTokenizer.create(tokenizer, self.vocab, self.config.model.ap_max_len)
+
+    def setup(self, ctx: SetupContext) -> None:
+        backbone.ensure(self.config, self.spec)
+
+    def data_hooks(self, tokenizer) -> tuple:
+        if self.vocab is None:
+            return ()
+        return (KeywordHook(self.vocab, self._ap_tokens(tokenizer)),)
+
+    def init(self, rng, batch):
+        return self.model.init(
+            {"params": rng},
+            batch["image"],
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch.get("ap_ids"),
+            batch.get("ap_mask"),
+        )
+
+    def load_pretrained(self, variables: dict) -> dict:
+        params = dict(variables["params"])
+        params["backbone"] = backbone.load(self.spec, params["backbone"])
+        return {**variables, "params": params}
+
+    def trainable(self, params):
+        return {
+            name: jax.tree.map(lambda _, n=name: n != "backbone", tree)
+            for name, tree in params.items()
+        }
+
+    def loss(self, variables, batch, rng, train):
+        m = self.config.model
+        out = self.model.apply(
+            variables,
+            batch["image"],
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch.get("ap_ids"),
+            batch.get("ap_mask"),
+        )
+        loss, metrics = clip_loss(out["zimg"], out["ztxt"], 1.0 / m.temperature)
+        metrics = {**metrics, "loss_clip": loss}
+        if out["r_img"] is not None:
+            relation = relation_consistency_loss(out["r_img"], out["r_txt"])
+            loss = loss + m.relation_weight * relation
+            metrics["loss_relation"] = relation
+        if out["keyword_logits"] is not None:
+            keyword, keyword_metrics = keyword_loss(out["keyword_logits"], batch["ap_labels"])
+            loss = loss + m.keyword_weight * keyword
+            metrics.update(keyword_metrics)
+        return loss, metrics, {}
+
+    def embed_images(self, variables, batch):
+        z, _ = self.model.apply(
+            variables,
+            batch["image"],
+            batch.get("ap_ids"),
+            batch.get("ap_mask"),
+            keywords=self.config.model.eval_image_keywords,
+            method=McplModel.embed_images,
+        )
+        return z
+
+    def embed_texts(self, variables, batch):
+        z, _ = self.model.apply(
+            variables,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch.get("ap_ids"),
+            batch.get("ap_mask"),
+            method=McplModel.embed_texts,
+        )
+        return z

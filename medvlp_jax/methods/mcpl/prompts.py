@@ -1,0 +1,81 @@
+"""MCPL's small prompt modules: GPCM prompt production, per-layer prompt update, relation head.
+
+Notation: n prompt tokens per modality (2), D the width of the module's input, B batch.
+Every attention here is single-head, and all projections are `Dense` with bias.
+
+- `Gpcm` (graph-guided prompt collaboration), per deep layer c, on the 2n joint prompt nodes
+  `X = [Pt_c ; Pi_c]` `[2n, D]`:
+      H = LN(X)
+      A = softmax((H Wq + bq)(H Wk + bk)^T / sqrt(D))        Wq, Wk: D -> D/4   (A: [2n, 2n])
+      Y = A (H Wv + bv)                                       Wv: D -> D, no residual
+  rows 0:n of Y are the text prompts, rows n:2n the image prompts; A is the learned adjacency
+  between the text and image prompt nodes.
+- `PromptUpdate`, per deep layer and modality, prompts `P` `[B, n, D]` reading the context
+  `F = [a tokens ; p tokens ; previous prompt outputs]` `[B, S, D]` (key mask `[B, S]`):
+      Z = softmax((P Wq + bq)(F Wk + bk)^T / sqrt(D) + mask) (F Wv + bv) + P
+- `RelationHead`, per deep layer and modality, the prompt-to-keyword relation "graph":
+      R = sigmoid((Z Wq' + bq')(K Wk' + bk')^T) * mask         Wq', Wk': D -> d_r
+  with `K = [a tokens ; p tokens]` `[B, 2L, D]`; padded keyword positions are set to 0 (in
+  both modalities alike, so they add nothing to `|R_img - R_txt|`). q', k' start small
+  (std 0.02), so R starts near 0.5 instead of saturating.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from medvlp_jax.models.layers import dense, layer_norm
+
+
+def _softmax_attention(q: jax.Array, k: jax.Array, mask: jax.Array | None, scale: float):
+    """softmax(q k^T * scale) over the last axis with key mask [B, S] (1 = keep)."""
+    logits = jnp.einsum("...qd,...kd->...qk", q, k) * scale
+    if mask is not None:
+        logits = jnp.where(mask[..., None, :] > 0, logits, jnp.finfo(logits.dtype).min)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+class Gpcm(nn.Module):
+    """Joint attention over the text and image prompt nodes of one layer (module docstring).
+
+    `__call__(nodes [2n, D]) -> (Y [2n, D], A [2n, 2n])`. Params: norm, query, key, value.
+    """
+
+    @nn.compact
+    def __call__(self, nodes: jax.Array) -> tuple[jax.Array, jax.Array]:
+        d = nodes.shape[-1]
+        h = layer_norm(1e-5, name="norm")(nodes)
+        q = dense(max(d // 4, 1), ("embed", "kv"), name="query")(h)
+        k = dense(max(d // 4, 1), ("embed", "kv"), name="key")(h)
+        v = dense(d, ("embed", None), name="value")(h)
+        adjacency = _softmax_attention(q, k, None, d**-0.5)
+        return adjacency @ v, adjacency
+
+
+class PromptUpdate(nn.Module):
+    """Z = attention(P over F) + P (module docstring). Params: query, key, value."""
+
+    @nn.compact
+    def __call__(self, prompts: jax.Array, context: jax.Array, mask: jax.Array) -> jax.Array:
+        """prompts [B, n, D], context [B, S, D], mask [B, S] (1 = keep) -> [B, n, D]."""
+        d = prompts.shape[-1]
+        q = dense(d, ("embed", None), name="query")(prompts)
+        k = dense(d, ("embed", None), name="key")(context)
+        v = dense(d, ("embed", None), name="value")(context)
+        return _softmax_attention(q, k, mask, d**-0.5) @ v + prompts
+
+
+class RelationHead(nn.Module):
+    """R = sigmoid(q'(Z) k'(K)^T) * mask (module docstring). Params: query, key."""
+
+    dim: int
+
+    @nn.compact
+    def __call__(self, prompts: jax.Array, keywords: jax.Array, mask: jax.Array) -> jax.Array:
+        """prompts [B, n, D], keywords [B, S, D], mask [B, S] -> relations [B, n, S] float32."""
+        q = dense(self.dim, ("embed", "kv"), name="query")(prompts)
+        k = dense(self.dim, ("embed", "kv"), name="key")(keywords)
+        r = jax.nn.sigmoid(jnp.einsum("bnd,bsd->bns", q, k).astype(jnp.float32))
+        return r * mask[:, None, :].astype(jnp.float32)

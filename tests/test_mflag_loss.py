@@ -1,0 +1,218 @@
+"""M-FLAG's total loss against an independent float64 numpy re-derivation (projectors with
+train-mode batch norm, alignment, orthogonality): value, batch statistics and gradient, on
+random inputs; per-device orthogonality on 8 devices; the frozen LM's [CLS] path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medvlp_jax import config as config_lib
+from medvlp_jax.methods.base import SetupContext, get_method
+from medvlp_jax.methods.mflag import MFlagModel
+from medvlp_jax.models.builders import build_image_tower, build_text_tower
+from medvlp_jax.parallel.mesh import MESH_AXES
+from medvlp_jax.parallel.sharding import strip_boxes
+
+ROOT = Path(__file__).resolve().parents[1]
+B, DZ, DT = 16, 12, 10
+
+
+def tiny_mflag(*overrides: str):
+    config = config_lib.load_config_file(str(ROOT / "configs/mflag.py:tiny"))
+    return config_lib.apply_overrides(
+        config, ["model.proj_hidden=16", "model.proj_dim=8", *overrides]
+    )
+
+
+# --- the numpy reference -------------------------------------------------------------------
+
+
+def np_batch_norm(x, scale=None, bias=None, eps=1e-5):
+    mean, var = x.mean(0), x.var(0)  # biased variance, as in training-mode batch norm
+    y = (x - mean) / np.sqrt(var + eps)
+    if scale is not None:
+        y = y * scale + bias
+    return y, mean, var
+
+
+def np_head(x, p):
+    """Linear -> BN -> ReLU -> Linear -> BN(no affine). Returns (out, {bn: (mean, var)})."""
+    h = x @ p["fc0"]["kernel"] + p["fc0"]["bias"]
+    h, m0, v0 = np_batch_norm(h, p["bn0"]["scale"], p["bn0"]["bias"])
+    out = np.maximum(h, 0) @ p["fc1"]["kernel"] + p["fc1"]["bias"]
+    out, m1, v1 = np_batch_norm(out)
+    return out, {"bn0": (m0, v0), "bn_final": (m1, v1)}
+
+
+def np_orth(z, lam, normalize):
+    if normalize:
+        z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    c = z.T @ z / len(z)
+    off = c - np.diag(np.diag(c))
+    return 0.5 * (np.sum((np.diag(c) - 1) ** 2) + lam * np.sum(off**2))
+
+
+def np_total(inputs, lam=0.0051, normalize=False, orth_chunks=1):
+    """inputs = {'z', 't', 'proj_v', 'proj_t'} -> (loss, align, orth, stats)."""
+    p, stats_v = np_head(inputs["z"], inputs["proj_v"])
+    q, stats_t = np_head(inputs["t"], inputs["proj_t"])
+    cos = np.sum(p * q, 1) / (np.linalg.norm(p, axis=1) * np.linalg.norm(q, axis=1))
+    align = np.mean(4 - 4 * cos)
+    orth = np.mean([np_orth(c, lam, normalize) for c in np.split(inputs["z"], orth_chunks)])
+    return align + orth, align, orth, {"proj_v": stats_v, "proj_t": stats_t}
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def random_inputs(method, seed=0):
+    """Random Z (non-negative, as post-ReLU), t_cls and randomised projector parameters."""
+    rng = np.random.default_rng(seed)
+    z = np.abs(rng.normal(size=(B, DZ))).astype(np.float32)
+    t = rng.normal(size=(B, DT)).astype(np.float32)
+    variables = strip_boxes(
+        method.model.init(jax.random.PRNGKey(seed), z, t, method=MFlagModel.project)
+    )
+    params = jax.tree.map(
+        lambda x: (np.asarray(x) + 0.3 * rng.normal(size=x.shape)).astype(np.float32),
+        variables["params"],
+    )
+    stats = jax.tree.map(np.asarray, variables["batch_stats"])
+    return {"z": z, "t": t, **params}, stats
+
+
+def jax_total(method, inputs, stats):
+    variables = {
+        "params": {"proj_v": inputs["proj_v"], "proj_t": inputs["proj_t"], "text": {}},
+        "batch_stats": stats,
+    }
+    return method.features_loss(variables, inputs["z"], inputs["t"], train=True)
+
+
+def directional_fd(fn, inputs, direction, eps=1e-5):
+    f64 = lambda tree: jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
+    x, d = f64(inputs), f64(direction)
+    plus = jax.tree.map(lambda a, b: a + eps * b, x, d)
+    minus = jax.tree.map(lambda a, b: a - eps * b, x, d)
+    return (fn(plus) - fn(minus)) / (2 * eps)
+
+
+# --- tests ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("normalize,lam", [(False, 0.0051), (True, 0.3)], ids=["raw", "norm"])
+def test_total_loss_value_stats_and_gradient_match_numpy(normalize, lam):
+    method = get_method(
+        tiny_mflag(f"model.orth_normalize={normalize}", f"model.orth_lambda_offdiag={lam}")
+    )
+    inputs, stats = random_inputs(method)
+    fn = jax.jit(lambda x, s: jax_total(method, x, s))
+    loss, metrics, new_state = fn(inputs, stats)
+    want, align, orth, batch_stats = np_total(inputs, lam, normalize)
+    np.testing.assert_allclose(loss, want, rtol=2e-5)
+    np.testing.assert_allclose(metrics["align_loss"], align, rtol=2e-5)
+    np.testing.assert_allclose(metrics["orth_loss"], orth, rtol=2e-5)
+    assert loss.dtype == jnp.float32
+    # Running averages: momentum 0.9 towards the batch mean and (biased) variance.
+    for head, layers in batch_stats.items():
+        for bn, (mean, var) in layers.items():
+            old = stats[head][bn]
+            got = new_state["batch_stats"][head][bn]
+            np.testing.assert_allclose(got["mean"], 0.9 * old["mean"] + 0.1 * mean, atol=1e-5)
+            np.testing.assert_allclose(got["var"], 0.9 * old["var"] + 0.1 * var, rtol=1e-4)
+
+    grads = jax.jit(jax.grad(lambda x, s: jax_total(method, x, s)[0]))(inputs, stats)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        direction = jax.tree.map(lambda x: rng.normal(size=x.shape), inputs)
+        expected = directional_fd(lambda x: np_total(x, lam, normalize)[0], inputs, direction)
+        got = sum(
+            float(np.sum(np.asarray(g, np.float64) * d))
+            for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction), strict=True)
+        )
+        np.testing.assert_allclose(got, expected, rtol=2e-3)
+
+
+def test_per_device_orthogonality_averages_the_shards(tmp_path):
+    mesh = jax.make_mesh((8, 1, 1), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    losses = {}
+    for mode in ("per_device", "global"):
+        method = get_method(tiny_mflag(f"model.orth_batch={mode}"))
+        method.setup(SetupContext(method.config, tmp_path, mesh, None, []))
+        inputs, stats = random_inputs(method)
+        losses[mode] = jax.jit(lambda x, s, m=method: jax_total(m, x, s)[:2])(inputs, stats)
+    # Batch norm and alignment use the global batch; C and B are each shard's own 2 rows.
+    want, _, orth, _ = np_total(inputs, orth_chunks=8)
+    loss, metrics = losses["per_device"]
+    np.testing.assert_allclose(loss, want, rtol=2e-5)
+    np.testing.assert_allclose(metrics["orth_loss"], orth, rtol=2e-5)
+    np.testing.assert_allclose(losses["global"][0], np_total(inputs)[0], rtol=2e-5)
+    assert not np.isclose(losses["global"][1]["orth_loss"], orth, rtol=1e-2)
+
+
+def _batch(seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1000, 30000, size=(8, 32)).astype(np.int32)
+    mask = (np.arange(32)[None] < rng.integers(5, 32, size=(8, 1))).astype(np.int32)
+    ids[:, 0] = 101  # [CLS]
+    image = rng.normal(size=(8, 32, 32, 3)).astype(np.float32)
+    return {"image": image, "input_ids": ids * mask, "attention_mask": mask}
+
+
+def test_loss_uses_the_frozen_lm_cls_and_never_its_gradient():
+    method = get_method(tiny_mflag())
+    batch = _batch()
+    variables = jax.jit(lambda rng, b: strip_boxes(method.init(rng, b)))(
+        jax.random.PRNGKey(0), batch
+    )
+    params = variables["params"]
+    cfg = method.config.model
+    # Independent of the method's plumbing: the towers applied directly.
+    image_tower, text_tower = build_image_tower(cfg.image), build_text_tower(cfg.text)
+    z = jax.jit(image_tower.apply)({"params": params["image"]}, batch["image"])["pooled"]
+    tokens = jax.jit(text_tower.apply)(
+        {"params": params["text"]}, batch["input_ids"], batch["attention_mask"]
+    )["tokens"]
+    inputs = {
+        "z": np.asarray(z),
+        "t": np.asarray(tokens[:, 0]),
+        "proj_v": params["proj_v"],
+        "proj_t": params["proj_t"],
+    }
+    want = np_total(jax.tree.map(lambda x: np.asarray(x, np.float64), inputs))[0]
+
+    loss = jax.jit(lambda v, b: method.loss(v, b, jax.random.PRNGKey(1), train=True)[0])
+    np.testing.assert_allclose(loss(variables, batch), want, rtol=1e-4)  # the LM runs
+    cached = {**batch, "text_cls": inputs["t"]}
+    np.testing.assert_allclose(loss(variables, cached), want, rtol=1e-4)  # the cache's field
+
+    def grad_fn(m):
+        fn = lambda p, key: m.loss({**variables, "params": p}, batch, key, train=True)[0]
+        return jax.jit(jax.value_and_grad(fn))
+
+    dropout = get_method(tiny_mflag("model.text_dropout_in_frozen_lm=true"))
+    values = []
+    for m in (method, dropout):
+        value, g = grad_fn(m)(params, jax.random.PRNGKey(2))
+        assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(g["text"]))
+        assert np.abs(np.asarray(g["proj_v"]["fc0"]["kernel"])).sum() > 0
+        values.append(value)
+    np.testing.assert_allclose(values[0], want, rtol=1e-4)
+    # With dropout in the frozen LM (the original), [CLS] and so the loss change.
+    assert not np.isclose(values[1], want, rtol=1e-4)
+
+
+def test_bfloat16_features_give_a_float32_loss():
+    """Towers computing in bfloat16 hand over bfloat16 Z and [CLS]; the loss stays float32."""
+    method = get_method(tiny_mflag())
+    inputs, stats = random_inputs(method)
+    half = {**inputs, "z": inputs["z"].astype(jnp.bfloat16), "t": inputs["t"].astype(jnp.bfloat16)}
+    loss, metrics, _ = jax.jit(lambda x, s: jax_total(method, x, s))(half, stats)
+    assert loss.dtype == jnp.float32 and all(v.dtype == jnp.float32 for v in metrics.values())
+    rounded = {**inputs, **{k: np.asarray(half[k], np.float64) for k in ("z", "t")}}
+    np.testing.assert_allclose(loss, np_total(rounded)[0], rtol=1e-4)
