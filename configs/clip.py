@@ -2,7 +2,7 @@
 
 Presets (`--config=configs/clip.py:PRESET`):
   ''    the default: a CPU-sized run (96 px ViT, pre-trained MiniLM text tower) that learns
-        SynthCXR in ~15 minutes on 2 cores; `bench quality` uses it.
+        SynthCXR in ~10-15 minutes on 2 quiet cores; `bench quality` uses it.
   tiny  tests and CI: tiny towers, 32 px, 200 studies, 20 steps (< 1 minute).
   base  ViT-B/16 at 224 px + BERT-base-sized text, for accelerators with real data.
 """
@@ -24,7 +24,7 @@ def get_config(arg: str = ""):
     c.model.text_init = "minilm"
 
     c.data.image_size = 96
-    c.data.max_text_len = 64
+    c.data.max_text_len = 48
     c.data.batch_size = 32
     c.model.image = tower_config("vit", "tiny")
     c.model.image.update(width=256, num_layers=4, num_heads=4, mlp_dim=1024, patch_size=16)
@@ -34,10 +34,10 @@ def get_config(arg: str = ""):
 
     c.optim.lr = 1e-4
     c.optim.lr_multipliers = ("text/.*=0.2",)  # gentler on the pre-trained text tower
-    c.optim.warmup_steps = 50
-    c.train.num_steps = 600
-    c.train.eval_every = 300
-    c.train.checkpoint_every = 100
+    c.optim.warmup_steps = 20
+    c.train.num_steps = 200
+    c.train.eval_every = 200
+    c.train.checkpoint_every = 50
 
     if arg == "tiny":
         c.data.synthcxr.num_studies = 200

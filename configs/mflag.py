@@ -1,9 +1,10 @@
 """M-FLAG on SynthCXR: ResNet-50 image tower, frozen MiniLM language model, cached [CLS].
 
 Presets (`--config=configs/mflag.py:PRESET`):
-  ''    the default: a CPU-sized run (ResNet-50 from scratch at 96 px, batch 32, frozen
-        pre-trained MiniLM whose [CLS] embeddings are cached once) that learns SynthCXR in
-        ~15 minutes on 2 cores; `bench quality` and `bench mflag` use it.
+  ''    the default: a CPU-sized run (ResNet-50 from scratch at 64 px, batch 32, 240 steps;
+        frozen pre-trained MiniLM whose [CLS] embeddings are cached once) that learns
+        SynthCXR in ~15 minutes on 2 idle cores (a ResNet-50 step at 64 px, batch 32, takes
+        ~2-3 s there); `bench quality` and `bench mflag` use it.
   tiny  tests and CI: 32 px, a tiny ViT in place of ResNet-50, a tiny from-scratch BERT
         (MiniLM vocabulary), narrow projectors, 200 studies, 10 steps (< 1 minute).
 
@@ -36,15 +37,15 @@ def get_config(arg: str = ""):
     c.model.text_cache_dir = ""  # '' = <data cache dir>/text_cls
     c.model.text_cache_batch_size = 256
 
-    c.data.image_size = 96
+    c.data.image_size = 64
     c.data.max_text_len = 64
     c.data.batch_size = 32
     c.optim.lr = 1e-3
     c.optim.weight_decay = 0.05
     c.optim.warmup_steps = 30
-    c.train.num_steps = 300
-    c.train.eval_every = 300
-    c.train.checkpoint_every = 100
+    c.train.num_steps = 240
+    c.train.eval_every = 240
+    c.train.checkpoint_every = 80
 
     if arg == "tiny":
         c.data.synthcxr.num_studies = 200

@@ -167,13 +167,19 @@ def build_or_load(
     """The entry folder for `key` under `root`, computing it if missing.
 
     Args:
-      compute: `unique_texts -> float32 [N, D]`, called only on a miss.
+      compute: `unique_texts -> float32 [N, D]`, called only on a miss (on every process
+        when any one of them misses).
       meta: extra JSON-able facts to store in `meta.json`.
     Returns:
       (folder, hit): hit is True when the entry already existed.
     """
     folder = Path(root) / f"{PREFIX}{key}"
-    if (folder / "meta.json").is_file():
+    present = (folder / "meta.json").is_file()
+    if jax.process_count() > 1:
+        # Computing is collective: every process computes unless all of them hold the entry
+        # (file systems need not be shared).
+        present = bool(np.all(multihost_utils.process_allgather(np.array(present))))
+    if present:
         logging.info("text embedding cache hit: %s", folder)
         return folder, True
     unique = sorted(set(texts))

@@ -206,6 +206,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the last eval
     metrics."""
     workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_batch_divides(mesh, config.data.batch_size, "data.batch_size")
     mesh_lib.check_batch_divides(mesh, config.data.eval_batch_size, "data.eval_batch_size")

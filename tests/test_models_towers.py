@@ -1,5 +1,7 @@
 """Tower builders, logical axes, remat/scan/bf16 options and positional-embedding resizing."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,7 @@ from medvlp_jax.models import (
     CoAttentionFusion,
     MLPHead,
     TransformerConfig,
+    TransformerStack,
     build_image_tower,
     build_text_tower,
     export_hf,
@@ -91,28 +94,26 @@ def test_builder_rejects_unknown_fields_and_names():
 
 
 def test_scan_and_remat_give_the_same_values_and_gradients():
-    plain = _build("bert", dropout_rate=0.0, attention_dropout_rate=0.0)
-    scanned = _build("bert", dropout_rate=0.0, attention_dropout_rate=0.0, scan=True, remat=True)
-    args = plain.example_inputs(2)
-    v = random_variables(plain, *args, std=0.2)
-    enc = v["params"]["encoder"]
-    stacked = jax.tree.map(lambda *xs: np.stack(xs), *(enc[f"layer_{i}"] for i in range(2)))
-    sv = {"params": {**v["params"], "encoder": {"layers": stacked}}}
+    cfg = TransformerConfig(16, 2, 2, 24, norm_first=False)
+    plain = TransformerStack(cfg)
+    scanned = TransformerStack(dataclasses.replace(cfg, scan=True, remat=True))
+    x = jnp.asarray(np.random.RandomState(0).randn(2, 5, 16), jnp.float32)
+    mask = jnp.asarray([[1, 1, 1, 0, 0], [1] * 5])
+    v = random_variables(plain, x, mask, std=0.2)
+    stack = lambda tree: jax.tree.map(lambda *xs: np.stack(xs), tree["layer_0"], tree["layer_1"])
+    sv = {"params": {"layers": stack(v["params"])}}
 
     def loss(module, v):
-        out = module.apply(v, *args)
-        return jnp.sum(out["pooled"] ** 2) + jnp.sum(out["pooler_output"])
+        tokens, _ = module.apply(v, x, mask)
+        return jnp.sum(tokens**2)
 
     l1, g1 = jax.jit(jax.value_and_grad(lambda v: loss(plain, v)))(v)
     l2, g2 = jax.jit(jax.value_and_grad(lambda v: loss(scanned, v)))(sv)
     np.testing.assert_allclose(l1, l2, rtol=1e-5)
-    g1_layers = jax.tree.map(
-        lambda *xs: np.stack(xs), *(g1["params"]["encoder"][f"layer_{i}"] for i in range(2))
-    )
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
-        g1_layers,
-        g2["params"]["encoder"]["layers"],
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4),
+        stack(g1["params"]),
+        g2["params"]["layers"],
     )
 
 

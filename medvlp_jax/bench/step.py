@@ -35,6 +35,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=30522)
     p.add_argument("--embed-dim", type=int, default=256)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--peak-size", type=int, default=2048, help="matmul size for the peak")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--jax-dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--fused-qkv", action=argparse.BooleanOptionalAction, default=False)
@@ -219,7 +220,7 @@ def torch_step(a: argparse.Namespace):
         loss = (ce(logits, labels) + ce(logits.T, labels)) / 2
         loss.backward()
         opt.step()
-        return float(loss)
+        return loss.item()
 
     return run
 
@@ -279,7 +280,7 @@ def main(argv: list[str]) -> None:
             t = _timed(fn)
             if i >= a.warmup:
                 times[name].append(t)
-    peak = matmul_peak()
+    peak = matmul_peak(a.peak_size)
     flops = matmul_flops(a)
     total = sum(flops.values())
     machine_peak = max(peak.values())
@@ -287,8 +288,8 @@ def main(argv: list[str]) -> None:
         "config": {k: v for k, v in vars(a).items() if k not in ("out",)},
         "jax_version": jax.__version__,
         "devices": str(jax.devices()[0].device_kind),
-        "analytic_matmul_gflop_per_step": round(total / 1e9, 2),
-        "xla_cost_analysis_gflop_per_step": round(xla_flops / 1e9, 2),
+        "analytic_matmul_gflop_per_step": float(f"{total / 1e9:.5g}"),
+        "xla_cost_analysis_gflop_per_step": float(f"{xla_flops / 1e9:.5g}"),
         "matmul_peak_gflops_fp32": {k: round(v, 1) for k, v in peak.items()},
     }
     for name, ts in times.items():

@@ -145,16 +145,21 @@ class MFlag(Method):
             )
         self.model = MFlagModel(ml_collections.FrozenConfigDict(m.image), m.proj_hidden, m.proj_dim)
         self.text_tower = build_text_tower(m.text)
-        self._jit_text_cls = jax.jit(self.text_cls)  # one compile for every cache build
+        # Compiled once per instance, for every cache build.
+        self._jit_text_cls = jax.jit(self.text_cls)
+        self._jit_init_text = jax.jit(lambda key: strip_boxes(self._init_text(key)))
         self.mesh = None
         self.lookup: embedding_cache.TextEmbeddingLookup | None = None
         self.cache_hit: bool | None = None
 
     # --- the frozen language model -------------------------------------------------------
 
-    def _init_text(self) -> dict:
-        """The frozen LM's random init (boxed), from `config.seed` alone."""
-        key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), TEXT_INIT_SALT)
+    def _text_key(self) -> jax.Array:
+        """The frozen LM's init key: from `config.seed` alone."""
+        return jax.random.fold_in(jax.random.PRNGKey(self.config.seed), TEXT_INIT_SALT)
+
+    def _init_text(self, key: jax.Array) -> dict:
+        """The frozen LM's random init (boxed variables)."""
         ids = jnp.ones((1, self.config.data.max_text_len), jnp.int32)
         return self.text_tower.init(key, ids, ids, train=False)
 
@@ -191,7 +196,7 @@ class MFlag(Method):
             )
             return pretrained.load_towers({"params": {}}, text_only)["params"]["text"]
         with _fast_init_rng():
-            return jax.device_get(strip_boxes(jax.jit(self._init_text)()))["params"]
+            return jax.device_get(self._jit_init_text(self._text_key()))["params"]
 
     def _cache_root(self) -> Path:
         m = self.config.model
@@ -215,7 +220,8 @@ class MFlag(Method):
 
         def compute(unique: list[str]) -> np.ndarray:
             with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ACTIVATION_RULES):
-                shardings = variable_shardings(jax.eval_shape(self._init_text), ctx.mesh)
+                abstract = jax.eval_shape(self._init_text, self._text_key())
+                shardings = variable_shardings(abstract, ctx.mesh)
                 variables = jax.device_put({"params": params}, shardings)
                 return embedding_cache.embed_texts_sharded(
                     self._jit_text_cls,
@@ -247,7 +253,7 @@ class MFlag(Method):
         text_cls = jnp.zeros((batch["image"].shape[0], width), jnp.float32)
         with _fast_init_rng():
             variables = self.model.init({"params": rng}, batch["image"], text_cls, train=False)
-            text = self._init_text()
+            text = self._init_text(self._text_key())
         return _merge(variables, {"params": {"text": text["params"]}})
 
     def load_pretrained(self, variables: dict) -> dict:

@@ -128,6 +128,12 @@ class McplModel(nn.Module):
             return
         if o.uses_ap and self.ap_tokens is None:
             raise ValueError("McplModel: the AP prompt needs `ap_tokens`")
+        depth_limit = min(self.text_cfg.num_layers, self.image_cfg.num_layers)
+        if o.prompt_depth > depth_limit:
+            raise ValueError(
+                f"config.model.prompt_depth={o.prompt_depth} exceeds the towers' depth "
+                f"({depth_limit})"
+            )
         depth, n, deep = o.prompt_depth, o.num_prompts, range(1, o.prompt_depth)
         dt, dv = self.text_cfg.width, self.image_cfg.width
         joint = max(dt, dv) if o.image_prompts else dt
@@ -159,11 +165,6 @@ class McplModel(nn.Module):
                 (self.ap_tokens.length, dv),
             )
             self.keywords = KeywordPredictor(len(self.ap_tokens.word_ids), o.keyword_hidden)
-        depth_limit = min(self.text_cfg.num_layers, self.image_cfg.num_layers)
-        if depth > depth_limit:
-            raise ValueError(
-                f"config.model.prompt_depth={depth} exceeds the towers' depth ({depth_limit})"
-            )
 
     # ------------------------------------------------------------------ prompt pieces
 

@@ -108,6 +108,15 @@ def _fmt(names: Iterable[str], limit: int = 40) -> str:
     return ", ".join(names[:limit]) + more
 
 
+def _unbox(tree):
+    """Strips Flax axis-metadata boxes *without* sharding constraints: `nn.meta.unbox` applies
+    them, which fails on host/abstract values under active logical axis rules (the trainer
+    loads pre-trained weights inside `nn.logical_axis_rules`)."""
+    import flax.linen as nn
+
+    return nn.meta.map_axis_meta(lambda box: box.unbox(apply_constraint=False), tree)
+
+
 def assign(
     tensors: dict[str, np.ndarray],
     maps: list[TensorMap],
@@ -127,9 +136,7 @@ def assign(
     Raises CheckpointError listing missing tensors, unused tensors, shape mismatches, or
     module variables that no tensor fills.
     """
-    import flax.linen as nn
-
-    flat = traverse_util.flatten_dict(nn.meta.unbox(abstract_variables))
+    flat = traverse_util.flatten_dict(_unbox(abstract_variables))
     missing = [m.name for m in maps if m.name not in tensors]
     used = {m.name for m in maps}
     extra = [n for n in tensors if n not in used and not ignore(n)]
@@ -192,9 +199,7 @@ def assign(
 
 def extract(variables, maps: list[TensorMap]) -> dict[str, np.ndarray]:
     """Checkpoint tensors (PyTorch layout, float32) from module variables; inverse of `assign`."""
-    import flax.linen as nn
-
-    flat = traverse_util.flatten_dict(jax.device_get(nn.meta.unbox(variables)))
+    flat = traverse_util.flatten_dict(jax.device_get(_unbox(variables)))
     out = {}
     for m in maps:
         key = (m.collection, *m.path)
