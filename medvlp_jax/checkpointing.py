@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -140,7 +141,8 @@ def load_params(path: str, params) -> object:
         raise FileNotFoundError(
             f"--config.init.checkpoint={path}: no checkpoint state under {root}"
         )
-    found = ocp.StandardCheckpointer().restore(state_dir)["params"]
+    saved = ocp.StandardCheckpointer().metadata(state_dir).item_metadata["params"]
+    found = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
     want = jax.tree.structure(params)
     if jax.tree.structure(found) != want:
         raise CheckpointMismatchError(
@@ -156,4 +158,16 @@ def load_params(path: str, params) -> object:
     ]
     if shapes:
         raise CheckpointMismatchError(f"--config.init.checkpoint={path}: shape mismatch {shapes}")
-    return found
+    return _read_params(state_dir, found)
+
+
+def _read_params(state_dir: Path, abstract_params) -> object:
+    """Only the `params` of a saved train state, as host numpy arrays, whatever device layout
+    saved it (another process or device count: the saved shardings are not used)."""
+    item = {"params": abstract_params}
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    restored = ocp.PyTreeCheckpointer().restore(
+        state_dir,
+        args=ocp.args.PyTreeRestore(item=item, restore_args=as_numpy, partial_restore=True),
+    )
+    return restored["params"]

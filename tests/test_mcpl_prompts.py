@@ -12,16 +12,10 @@ from medvlp_jax.methods.mcpl.keywords import ApTokenizer, load_vocab
 from medvlp_jax.methods.mcpl.model import McplModel, PromptOptions
 from medvlp_jax.methods.mcpl.prompts import Gpcm, PromptUpdate, RelationHead
 from medvlp_jax.models.builders import tower_config
-from medvlp_jax.models.testing import fast_compile, random_variables
+from medvlp_jax.models.testing import random_variables
 from medvlp_jax.models.transformer import LayerPrompts, TransformerConfig, TransformerStack
 
 TOL = dict(rtol=1e-4, atol=1e-5)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-    with fast_compile():
-        yield
 
 
 def _softmax(x):

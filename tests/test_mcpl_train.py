@@ -23,7 +23,7 @@ from medvlp_jax.methods.mcpl.model import McplModel
 from medvlp_jax.models.builders import build_image_tower, build_text_tower, tower_config
 from medvlp_jax.models.clip import CLIPModel
 from medvlp_jax.models.convert import export_hf
-from medvlp_jax.models.testing import fast_compile, random_variables
+from medvlp_jax.models.testing import random_variables
 
 MCPL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mcpl.py"
 
@@ -31,12 +31,6 @@ MCPL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mcpl.py"
 def tiny_config(**overrides):
     config = load_config_file(f"{MCPL_CONFIG}:tiny")
     return apply_overrides(config, [f"{k}={v}" for k, v in overrides.items()])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-    with fast_compile():
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +133,8 @@ def test_image_only_inference_uses_the_keyword_predictor(tiny_run):
 
 
 def test_downstream_classification(tiny_run):
-    results = downstream.run(tiny_run.config, tiny_run.workdir)
+    config = apply_overrides(tiny_run.config, ["downstream.max_train_examples=64"])
+    results = downstream.run(config, tiny_run.workdir)
     for fraction in ("0.01", "0.1", "1"):
         assert 0.0 <= results[f"downstream_auroc@{fraction}"] <= 1.0
         assert 0.0 <= results[f"downstream_val_auroc@{fraction}"] <= 1.0

@@ -26,10 +26,22 @@ only on shapes and shardings, not on the CPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
 from pathlib import Path
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax._src import xla_bridge
+
+from medvlp_jax import config as config_lib
+from medvlp_jax import train
+from medvlp_jax.methods.base import SetupContext, get_method
+from medvlp_jax.parallel import mesh as mesh_lib
+from medvlp_jax.parallel.sharding import ACTIVATION_RULES, replicated
 
 DEFAULT_CONFIG = "configs/clip.py:base"
 STRATEGY_LABELS = {
@@ -59,9 +71,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def use_cpu_devices(count: int) -> None:
     """Makes JAX run on `count` simulated CPU devices (set before its backend starts, like
     XLA_FLAGS=--xla_force_host_platform_device_count), or checks that it already has them."""
-    import jax
-    from jax._src import xla_bridge
-
     if not xla_bridge.backends_are_initialized():
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", count)
@@ -73,9 +82,6 @@ def use_cpu_devices(count: int) -> None:
 
 def abstract_batch(config, batch_size: int) -> dict:
     """The training batch as `jax.ShapeDtypeStruct`s (fields of `data.pipeline.train_iterator`)."""
-    import jax
-    import numpy as np
-
     d = config.data
     shapes = {
         "image": ((batch_size, d.image_size, d.image_size, d.channels), np.float32),
@@ -90,8 +96,6 @@ def abstract_batch(config, batch_size: int) -> dict:
 
 def sharded_bytes(tree) -> int:
     """Bytes one device holds of a tree of sharded `jax.ShapeDtypeStruct`s (the largest shard)."""
-    import jax
-
     return sum(
         math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)
     )
@@ -99,47 +103,61 @@ def sharded_bytes(tree) -> int:
 
 def replicated_fraction(params) -> float:
     """Fraction of parameter elements that no mesh axis splits (every device holds them)."""
-    import jax
-
     leaves = jax.tree.leaves(params)
     total = sum(math.prod(x.shape) for x in leaves)
     full = sum(math.prod(x.shape) for x in leaves if x.sharding.is_fully_replicated)
     return full / max(total, 1)
 
 
-def measure(config, strategy: str, batch_size: int) -> dict:
-    """Compiles the train step of `config` under `strategy`; per-device memory numbers."""
-    import flax.linen as nn
-    import jax
+@dataclasses.dataclass(frozen=True)
+class AbstractStep:
+    """The train step of one config under one strategy, as shapes and shardings only.
 
-    from medvlp_jax import train
-    from medvlp_jax.methods.base import SetupContext, get_method
-    from medvlp_jax.parallel import mesh as mesh_lib
-    from medvlp_jax.parallel.sharding import ACTIVATION_RULES, replicated
+    `state` is a TrainState and `batch` a dict of sharded `jax.ShapeDtypeStruct`s; `step_fn`
+    the jitted train step (state donated), as `train.run` builds it.
+    """
 
-    config.mesh.strategy = strategy
+    mesh: jax.sharding.Mesh
+    state: object
+    batch: dict
+    step_fn: object
+
+    def compile(self):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(ACTIVATION_RULES):
+            return self.step_fn.lower(self.state, self.batch).compile()
+
+
+def abstract_step(config, strategy: str, batch_size: int) -> AbstractStep:
+    """`config`'s train step on the current devices under `mesh.strategy=strategy`, with a
+    global batch of `batch_size`; nothing is allocated."""
+    config = config_lib.apply_overrides(config, [f"mesh.strategy={strategy}"])
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_batch_divides(mesh, batch_size, "--batch_size")
     method = get_method(config)
     method.setup(SetupContext(config, Path("/nonexistent"), mesh, None, []))
-    batch = abstract_batch(config, batch_size)
-    batch_shardings = {k: mesh_lib.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
+    plain = abstract_batch(config, batch_size)
+    batch_shardings = {k: mesh_lib.batch_sharding(mesh, v.ndim) for k, v in plain.items()}
     batch = {
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k])
-        for k, v in batch.items()
+        for k, v in plain.items()
     }
-    start = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(ACTIVATION_RULES):
         state, shardings, tx, lr_fn, trainable = train.abstract_state(config, method, mesh, batch)
-        step = jax.jit(
-            train.make_step_fn(method, tx, lr_fn, trainable),
-            in_shardings=(shardings, batch_shardings),
-            out_shardings=(shardings, replicated(mesh)),
-            donate_argnums=(0,),
-        )
-        compiled = step.lower(state, batch).compile()
+    step_fn = jax.jit(
+        train.make_step_fn(method, tx, lr_fn, trainable),
+        in_shardings=(shardings, batch_shardings),
+        out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    return AbstractStep(mesh, state, batch, step_fn)
+
+
+def measure(config, strategy: str, batch_size: int) -> dict:
+    """Compiles the train step of `config` under `strategy`; per-device memory numbers."""
+    start = time.perf_counter()
+    step = abstract_step(config, strategy, batch_size)
+    stats = step.compile().memory_analysis()
     seconds = time.perf_counter() - start
-    stats = compiled.memory_analysis()
     xla = {
         "argument_bytes": int(stats.argument_size_in_bytes),
         "output_bytes": int(stats.output_size_in_bytes),
@@ -151,14 +169,14 @@ def measure(config, strategy: str, batch_size: int) -> dict:
     )
     return {
         "label": STRATEGY_LABELS.get(strategy, strategy),
-        "mesh": dict(mesh.shape),
+        "mesh": dict(step.mesh.shape),
         "state_bytes": {
-            "params": sharded_bytes(state.params),
-            "opt_state": sharded_bytes(state.opt_state),
-            "total": sharded_bytes(state),
+            "params": sharded_bytes(step.state.params),
+            "opt_state": sharded_bytes(step.state.opt_state),
+            "total": sharded_bytes(step.state),
         },
-        "batch_bytes": sharded_bytes(batch),
-        "replicated_param_fraction": round(replicated_fraction(state.params), 6),
+        "batch_bytes": sharded_bytes(step.batch),
+        "replicated_param_fraction": round(replicated_fraction(step.state.params), 6),
         **xla,
         "compile_s": round(seconds, 1),
     }
@@ -183,8 +201,6 @@ def with_ratios(results: dict, baseline: str) -> dict:
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     use_cpu_devices(args.devices)
-    from medvlp_jax import config as config_lib
-
     config = config_lib.apply_overrides(
         config_lib.load_config_file(args.config), [f"data.batch_size={args.batch_size}"]
     )

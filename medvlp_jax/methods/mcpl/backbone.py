@@ -1,8 +1,8 @@
 """Where MCPL's frozen CLIP-style backbone comes from (`config.init.backbone`).
 
 - '' (default): the SynthCXR CLIP baseline that `config.backbone` describes (a full
-  configs/clip.py run config). Its run lives in `<cache>/backbones/clip-<hash>`, the hash
-  taken over `config.backbone` (without `data.cache_dir`); when that run has not finished,
+  configs/clip.py run config). Its run lives in `<cache>/backbones/clip-<hash>` (`default_dir`:
+  the hash covers what decides the weights); when that run has not finished,
   `ensure` trains it there first with `train.run(config.backbone, folder)`, the very code path
   of a user running configs/clip.py (an interrupted pre-training resumes).
 - A Hugging Face CLIP folder (`config.json` with model_type 'clip' + `model.safetensors`, e.g.
@@ -31,6 +31,7 @@ from medvlp_jax.models.builders import build_image_tower, build_text_tower, towe
 from medvlp_jax.models.convert import hf
 
 DONE = "backbone_done.json"
+_DATA_LOCATION = ("cache_dir", "num_workers", "prefetch")  # where data lives, how it loads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +67,22 @@ def _from_run_config(run_cfg: ml_collections.ConfigDict, path: Path) -> Backbone
 
 
 def default_dir(config: ml_collections.ConfigDict) -> Path:
-    """`<cache>/backbones/clip-<sha1 of config.backbone, data.cache_dir excluded>`."""
-    run_cfg = ml_collections.ConfigDict(config.backbone.to_dict())
-    run_cfg.data.cache_dir = ""
-    digest = hashlib.sha1(config_lib.to_json(run_cfg).encode()).hexdigest()[:12]
-    return resolve_cache_dir(config.data.cache_dir) / "backbones" / f"clip-{digest}"
+    """`<cache>/backbones/clip-<hash>`: sha1 over what decides the pre-trained weights in
+    `config.backbone` (method, seed, model, optim, train.num_steps and data, less where the
+    data lives and how it is loaded); evaluation, logging and checkpoint settings do not count.
+    """
+    run = config.backbone.to_dict()
+    key = {
+        **{name: run[name] for name in ("method", "seed", "model", "optim")},
+        "num_steps": run["train"]["num_steps"],
+        "data": {
+            k: v
+            for k, v in run["data"].items()
+            if k not in ("cache_dir", "num_workers", "prefetch")
+        },
+    }
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    return resolve_cache_dir(config.data.cache_dir) / "backbones" / f"clip-{digest[:12]}"
 
 
 def _hf_clip(folder: Path, data_cfg) -> BackboneSpec:

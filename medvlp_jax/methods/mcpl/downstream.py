@@ -39,7 +39,7 @@ from medvlp_jax.evaluation.metrics import multilabel_auroc
 from medvlp_jax.methods.base import get_method
 from medvlp_jax.models.heads import MLPHead
 from medvlp_jax.parallel import mesh as mesh_lib
-from medvlp_jax.parallel.sharding import ACTIVATION_RULES, strip_boxes
+from medvlp_jax.parallel.sharding import ACTIVATION_RULES, strip_boxes, variable_shardings
 
 
 def default_downstream_config() -> ml_collections.ConfigDict:
@@ -56,12 +56,15 @@ def default_downstream_config() -> ml_collections.ConfigDict:
     return d
 
 
-def load_variables(method, workdir: Path, example: dict) -> dict:
-    """The trained variables of `method`'s run in `workdir` (its latest checkpoint), as host
-    arrays; `example` is a batch (arrays or `ShapeDtypeStruct`s) fixing the input shapes."""
-    abstract = strip_boxes(jax.eval_shape(method.init, jax.random.PRNGKey(0), example))
-    params = checkpointing.load_params(str(workdir), abstract["params"])
-    return {**abstract, "params": params}
+def load_variables(method, workdir: Path, example: dict, mesh=None) -> dict:
+    """`{'params': ...}` of `method`'s run in `workdir` (its latest checkpoint); `example` is a
+    batch (arrays or `ShapeDtypeStruct`s) fixing the input shapes. Host arrays, or placed on
+    `mesh` with the trainer's parameter shardings."""
+    boxed = jax.eval_shape(method.init, jax.random.PRNGKey(0), example)
+    variables = {"params": checkpointing.load_params(str(workdir), strip_boxes(boxed)["params"])}
+    if mesh is None:
+        return variables
+    return jax.device_put(variables, {"params": variable_shardings(boxed, mesh)["params"]})
 
 
 def embed_splits(config, workdir: Path) -> dict[str, dict]:
@@ -90,7 +93,7 @@ def embed_splits(config, workdir: Path) -> dict[str, dict]:
             )
         )
         example = mesh_lib.global_batch(mesh, {k: v for k, v in first.items() if k != "valid"})
-        variables = load_variables(method, workdir, example)
+        variables = load_variables(method, workdir, example, mesh)
         return {
             split: evaluator.embed_records(variables, recs, texts=False)
             for split, recs in records.items()

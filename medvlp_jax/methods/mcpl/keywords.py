@@ -10,7 +10,9 @@ Sequences are built from a per-word token table (`ApTokenizer`): the tokenizer's
 specials, the selected words' tokens concatenated (truncated to fit), its end specials, then
 padding. For WordPiece and CLIP BPE tokenizers (words are tokenised independently) this equals
 tokenising the space-joined words (see the tests), and it lets the model build the very same
-sequences inside `jit` from *predicted* multi-hot keywords when there is no report.
+sequences inside `jit` from *predicted* multi-hot keywords when there is no report. (Byte-level
+BPE tokenizers such as RoBERTa's mark word-initial spaces; there every word is tokenised as if
+it began the text: not the joined string's tokens, but the same in the hook and in the model.)
 """
 
 from __future__ import annotations
@@ -94,7 +96,13 @@ class ApTokenizer:
         )
         probe = list(word_ids[0])
         full = list(tokenizer(vocab.words[0])["input_ids"])
-        at = next(i for i in range(len(full)) if full[i : i + len(probe)] == probe)
+        starts = [i for i in range(len(full)) if full[i : i + len(probe)] == probe]
+        if not starts:
+            raise ValueError(
+                f"data.tokenizer: the tokens of {vocab.words[0]!r} change when special tokens "
+                "are added; cannot build MCPL's keyword sequences with this tokenizer"
+            )
+        at = starts[0]
         prefix, suffix = tuple(full[:at]), tuple(full[at + len(probe) :])
         if length <= len(prefix) + len(suffix):
             raise ValueError(f"model.ap_max_len={length} leaves no room for keyword tokens")

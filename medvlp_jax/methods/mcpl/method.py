@@ -9,7 +9,8 @@ trainer gives it no optimizer state. Loss:
     + relation_weight * 2 * mean|R_img - R_txt|          (relation consistency)
     + keyword_weight * BCE(keyword predictor, report keywords)   (touches only the predictor)
 
-During training the image side reads the report's AP keywords; the evaluators' image
+The frozen backbone always runs deterministically (no dropout), in training too. During
+training the image side reads the report's AP keywords; the evaluators' image
 embeddings read the keyword predictor's words (`model.eval_image_keywords='predicted'`), so no
 report leaks into zero-shot, retrieval or probe features.
 """
