@@ -75,8 +75,7 @@ def _batch(config, method, n=4) -> dict:
 
 def test_pretrains_backbone_then_tunes_prompts(tiny_run):
     assert "no pre-trained CLIP backbone in the cache" in tiny_run.stdout
-    assert (tiny_run.backbone / backbone.DONE).is_file()
-    assert (tiny_run.backbone / "checkpoints" / "2").is_dir()
+    assert (tiny_run.backbone / "checkpoints" / "2").is_dir()  # backbone.train.num_steps
     assert (tiny_run.workdir / "checkpoints" / "2").is_dir()
     assert {"eval/synthcxr/i2t_R@1", "eval/synthcxr/t2i_R@1"} <= set(tiny_run.metrics)
     logged = [json.loads(line) for line in (tiny_run.workdir / "metrics.jsonl").open()]

@@ -110,11 +110,6 @@ def _split(variables: dict) -> tuple[dict, dict]:
     return {**variables, "params": params}, text
 
 
-def _merge(a: dict, b: dict) -> dict:
-    """Union of two {collection: {module: tree}} dicts (disjoint modules)."""
-    return {k: {**a.get(k, {}), **b.get(k, {})} for k in {*a, *b}}
-
-
 def count_params(params, trainable) -> dict:
     """Trainable vs total parameter counts, and M-FLAG's claim in our terms: how many fewer
     parameters train than in a dual encoder where both towers (and projectors) train."""
@@ -254,7 +249,7 @@ class MFlag(Method):
         with _fast_init_rng():
             variables = self.model.init({"params": rng}, batch["image"], text_cls, train=False)
             text = self._init_text(self._text_key())
-        return _merge(variables, {"params": {"text": text["params"]}})
+        return {**variables, "params": {**variables["params"], "text": text["params"]}}
 
     def load_pretrained(self, variables: dict) -> dict:
         return pretrained.load_towers(variables, self.config.model)
@@ -295,7 +290,8 @@ class MFlag(Method):
         return align + orth, {"align_loss": align, "orth_loss": orth, "cosine": cosine}
 
     def features_loss(self, variables, z, text_cls, train: bool):
-        """The loss from Z [B, D_img] and t_cls [B, D_text]: (loss, metrics, projector state)."""
+        """The loss from Z [B, D_img] and t_cls [B, D_text]: (loss, metrics, new mutable
+        collections: `variables`' own, with the projectors' batch statistics updated)."""
         model_vars, _ = _split(variables)
         (p, q), state = self.model.apply(
             model_vars,
@@ -324,8 +320,9 @@ class MFlag(Method):
             mutable=["batch_stats"] if train else [],
             method=MFlagModel.image_features,
         )
-        loss, metrics, head_state = self.features_loss(variables, z, text_cls, train)
-        return loss, metrics, _merge(dict(image_state), head_state)
+        # Flax returns whole mutable collections: the heads' call passes the image tower's
+        # updated statistics through, so it gets them as input.
+        return self.features_loss({**variables, **image_state}, z, text_cls, train)
 
     def embed_images(self, variables, batch):
         model_vars, _ = _split(variables)

@@ -30,7 +30,6 @@ from medvlp_jax.data.config import resolve_cache_dir
 from medvlp_jax.models.builders import build_image_tower, build_text_tower, tower_config
 from medvlp_jax.models.convert import hf
 
-DONE = "backbone_done.json"
 _DATA_LOCATION = ("cache_dir", "num_workers", "prefetch")  # where data lives, how it loads
 
 
@@ -160,9 +159,15 @@ def describe(config: ml_collections.ConfigDict) -> BackboneSpec:
     return _from_run_config(run_cfg, folder)
 
 
+def _finished(config: ml_collections.ConfigDict, spec: BackboneSpec) -> bool:
+    """Whether the default backbone's run has its final checkpoint."""
+    return (spec.path / "checkpoints" / str(config.backbone.train.num_steps)).is_dir()
+
+
 def ensure(config: ml_collections.ConfigDict, spec: BackboneSpec) -> None:
-    """Pre-trains the default backbone into its cache folder unless that run has finished."""
-    if config.init.backbone or (spec.path / DONE).exists():
+    """Pre-trains the default backbone into its cache folder unless that run has finished
+    (reached `config.backbone.train.num_steps`); an interrupted run resumes."""
+    if config.init.backbone or _finished(config, spec):
         return
     from medvlp_jax import train  # the trainer imports the methods' registry
 
@@ -176,9 +181,12 @@ def ensure(config: ml_collections.ConfigDict, spec: BackboneSpec) -> None:
     spec.path.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (spec.path / "config.json").write_text(config_lib.to_json(run_cfg))
-    metrics = train.run(run_cfg, spec.path)
-    if jax.process_index() == 0:
-        (spec.path / DONE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    train.run(run_cfg, spec.path)
+    if not _finished(config, spec):
+        raise RuntimeError(
+            f"MCPL: the backbone pre-training in {spec.path} stopped before step "
+            f"{run_cfg.train.num_steps}; run again to resume it"
+        )
     print(f"MCPL: backbone ready in {spec.path}", flush=True)
 
 

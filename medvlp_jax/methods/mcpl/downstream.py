@@ -154,7 +154,8 @@ def train_head(head, tx, train: dict, val: dict, test: dict, rows: np.ndarray, c
 
 def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     """Downstream classification of the MCPL run in `workdir` (module docstring) ->
-    `{'downstream_auroc@<fraction>': test AUROC, 'downstream_val_auroc@<fraction>': ...}`."""
+    `{'downstream_auroc@<fraction>': test AUROC at the chosen epoch, and its
+    'downstream_val_auroc@', 'downstream_epoch@', 'downstream_n_train@'}`."""
     features = embed_splits(config, Path(workdir))
     cfg = config.downstream
     train = features["train"]
@@ -171,6 +172,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
         results[f"downstream_auroc@{fraction:g}"] = res["auroc"]
         results[f"downstream_val_auroc@{fraction:g}"] = res["val_auroc"]
         results[f"downstream_epoch@{fraction:g}"] = res["epoch"]
+        results[f"downstream_n_train@{fraction:g}"] = res["n_train"]
     return results
 
 
