@@ -7,8 +7,9 @@ which `main` pre-trains into the cache on first use (`<cache>/backbones/clip-<ha
 `--config.data.tokenizer=<same folder>`) or `=<a CLIP run's workdir>` takes those weights.
 
 Presets (`--config=configs/mcpl.py:PRESET`):
-  ''    CPU-sized: the configs/clip.py default backbone (~10-15 min to pre-train on 2 cores,
-        once), then a short prompt tuning; `bench quality` runs the ablation variants below.
+  ''    CPU-sized: the configs/clip.py:vit backbone (MCPL's prompts need a ViT; ~10 min to
+        pre-train on 2 cores, once), then a short prompt tuning; `bench quality` runs the
+        ablation variants below.
   tiny  tests and CI: configs/clip.py:tiny backbone trained for a few steps, tiny prompts.
   base  the published optimisation (SGD, batch 64, 224 px); meant for a ViT-B/16 CLIP
         passed with --config.init.backbone (else configs/clip.py:base is pre-trained first).
@@ -37,7 +38,7 @@ def get_config(arg: str = ""):
         raise ValueError(f"unknown preset {arg!r} for configs/mcpl.py; use '', 'tiny' or 'base'")
     c = base_config()
     c.method = "mcpl"
-    c.backbone = load_config_file(f"{CLIP_CONFIG}:{arg}" if arg else str(CLIP_CONFIG))
+    c.backbone = load_config_file(f"{CLIP_CONFIG}:{arg or 'vit'}")
     c.data = c.backbone.data.copy_and_resolve_references()
     c.model = default_model_config()
     c.evals = c.backbone.evals.copy_and_resolve_references()

@@ -37,6 +37,9 @@ def get_config(arg: str = ""):
     c.model.text_cache_dir = ""  # '' = <data cache dir>/text_cls
     c.model.text_cache_batch_size = 256
 
+    # As configs/clip.py: impressions name the positive findings; findings sections mostly
+    # list negatives.
+    c.data.sections = ("impression", "findings")
     c.data.image_size = 64
     c.data.max_text_len = 64
     c.data.batch_size = 32

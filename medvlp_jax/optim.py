@@ -99,6 +99,11 @@ def param_groups(optim_cfg, params, trainable) -> object:
     return jax.tree.map(label, param_paths(params), trainable)
 
 
+def trainable_mask(optim_cfg, params, trainable) -> object:
+    """The method's bool mask with the `optim.freeze` patterns applied: what really trains."""
+    return jax.tree.map(lambda g: g != FROZEN, param_groups(optim_cfg, params, trainable))
+
+
 def build(
     optim_cfg: ml_collections.ConfigDict, params, trainable, num_steps: int
 ) -> tuple[optax.GradientTransformation, Callable[[int], float]]:

@@ -72,7 +72,7 @@ def abstract_state(
     var_shardings = variable_shardings(boxed, mesh)
     variables = strip_boxes(boxed)
     params = variables["params"]
-    trainable = method.trainable(params)
+    trainable = optim.trainable_mask(config.optim, params, method.trainable(params))
     tx, lr_fn = optim.build(config.optim, params, trainable, config.train.num_steps)
     opt_state = jax.eval_shape(tx.init, params)
     shardings = TrainState(

@@ -1,6 +1,6 @@
 """Multi-host training on one machine: `python -m medvlp_jax.main` as 2 processes x 4 CPU
 devices against 1 process x 8 devices, a preemption notice (SIGTERM) to one of the two
-processes, and the 2-process checkpoint resumed by 1 process.
+processes, the 2-process checkpoint resumed by 1 process, and `kill -9` of one process.
 
 The two processes are started with launch/local.py's command line and environment, but by
 this test, so that it can signal one of them. The reference and the resume run in this
@@ -72,8 +72,8 @@ def _by_step(rows: list[dict], prefix: str) -> dict[int, dict]:
     return out
 
 
-def _start_two_processes(workdir: Path, outputs: list) -> list[subprocess.Popen]:
-    """Processes 0 and 1 of the job, as launch/local.py would start them."""
+def _start_two_processes(workdir: Path, outputs: list, *extra: str) -> list[subprocess.Popen]:
+    """Processes 0 and 1 of the job, as launch/local.py would start them; `extra` overrides."""
     args, passthrough = local.parse_args(
         [
             "--num_processes=2",
@@ -81,7 +81,7 @@ def _start_two_processes(workdir: Path, outputs: list) -> list[subprocess.Popen]
             "--config=configs/clip.py:tiny",
             f"--workdir={workdir}",
             "--config.train.num_steps=1000",
-            *[f"--config.{o}" for o in OVERRIDES],
+            *[f"--config.{o}" for o in (*OVERRIDES, *extra)],
         ]
     )
     env = local.child_env(args, dict(os.environ))
@@ -222,3 +222,30 @@ def test_one_process_resumes_a_two_process_checkpoint(runs, tmp_path, caplog):
     rows = _by_step(_metrics(workdir), "train/")
     assert sorted(rows) == list(range(1, more + 1))  # went on at steps + 1, repeated no step
     assert all(np.isfinite(rows[s]["train/loss"]) for s in (steps + 1, more))
+
+
+def test_kill_9_of_one_process_stops_the_other_with_a_clear_error(tmp_path):
+    """A SIGKILLed process cannot say goodbye: JAX's coordination service notices its missing
+    heartbeats and the survivor, blocked in the next collective, aborts naming the reason."""
+    heartbeat_s = 10
+    outputs = [open(tmp_path / f"process_{i}.log", "w") for i in range(2)]  # noqa: SIM115
+    procs = _start_two_processes(
+        tmp_path / "run", outputs, f"distributed.heartbeat_timeout_s={heartbeat_s}"
+    )
+    try:
+        _wait_for_step(tmp_path / "run", 1, procs, tmp_path, timeout_s=400)
+        procs[1].kill()
+        killed_at = time.monotonic()
+        code = procs[0].wait(timeout=heartbeat_s + 60)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for out in outputs:
+            out.close()
+    log = (tmp_path / "process_0.log").read_text()
+    assert code != 0, log[-3000:]
+    assert "unhealthy" in log and "heartbeat" in log, log[-3000:]
+    assert elapsed < heartbeat_s + 30, f"process 0 stopped {elapsed:.1f} s after the kill"

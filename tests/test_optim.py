@@ -35,6 +35,19 @@ def test_frozen_params_get_no_optimizer_state():
     assert 2 * trainable_size <= n_state <= 2 * trainable_size + 4
 
 
+def test_trainable_mask_joins_the_method_mask_and_the_freeze_patterns():
+    params = _params()
+    cfg = _cfg(freeze=("txt/.*",))
+    method_mask = jax.tree.map(lambda _: True, params)
+    method_mask["head"]["kernel"] = False
+    mask = optim.trainable_mask(cfg, params, method_mask)
+    assert mask == {
+        "img": {"dense": {"kernel": True, "bias": True}},
+        "txt": {"dense": {"kernel": False, "bias": False}},
+        "head": {"kernel": False},
+    }
+
+
 def test_frozen_updates_are_zero_and_multipliers_scale():
     params = _params()
     cfg = _cfg(
