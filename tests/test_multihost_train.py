@@ -11,6 +11,7 @@ permutation-invariant contrastive losses and the evaluation metrics agree to flo
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -99,6 +100,22 @@ def _start_two_processes(workdir: Path, outputs: list, *extra: str) -> list[subp
     ]
 
 
+@contextlib.contextmanager
+def _two_processes(workdir: Path, log_dir: Path, *extra: str):
+    """Runs processes 0 and 1 (logs in `log_dir/process_I.log`); kills what is left on exit."""
+    outputs = [open(log_dir / f"process_{i}.log", "w") for i in range(2)]  # noqa: SIM115
+    procs = _start_two_processes(workdir, outputs, *extra)
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for out in outputs:
+            out.close()
+
+
 def _wait_for_step(workdir: Path, step: int, procs, logs: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while step not in _by_step(_metrics(workdir), "train/"):
@@ -117,19 +134,10 @@ def runs(tmp_path_factory) -> dict:
     multi, single = base / "multi", base / "single"
     multi.mkdir()
     single.mkdir()
-    outputs = [open(base / f"process_{i}.log", "w") for i in range(2)]  # noqa: SIM115
-    procs = _start_two_processes(multi, outputs)
-    try:
+    with _two_processes(multi, base) as procs:
         _wait_for_step(multi, SIGNAL_AFTER, procs, base, timeout_s=400)
         procs[1].send_signal(signal.SIGTERM)
         codes = [p.wait(timeout=180) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for out in outputs:
-            out.close()
     logs = [(base / f"process_{i}.log").read_text() for i in range(2)]
     assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
     saved = sorted(int(p.name) for p in (multi / "checkpoints").iterdir() if p.name.isdigit())
@@ -228,23 +236,13 @@ def test_kill_9_of_one_process_stops_the_other_with_a_clear_error(tmp_path):
     """A SIGKILLed process cannot say goodbye: JAX's coordination service notices its missing
     heartbeats and the survivor, blocked in the next collective, aborts naming the reason."""
     heartbeat_s = 10
-    outputs = [open(tmp_path / f"process_{i}.log", "w") for i in range(2)]  # noqa: SIM115
-    procs = _start_two_processes(
-        tmp_path / "run", outputs, f"distributed.heartbeat_timeout_s={heartbeat_s}"
-    )
-    try:
-        _wait_for_step(tmp_path / "run", 1, procs, tmp_path, timeout_s=400)
+    run = tmp_path / "run"
+    with _two_processes(run, tmp_path, f"distributed.heartbeat_timeout_s={heartbeat_s}") as procs:
+        _wait_for_step(run, 1, procs, tmp_path, timeout_s=400)
         procs[1].kill()
         killed_at = time.monotonic()
         code = procs[0].wait(timeout=heartbeat_s + 60)
         elapsed = time.monotonic() - killed_at
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for out in outputs:
-            out.close()
     log = (tmp_path / "process_0.log").read_text()
     assert code != 0, log[-3000:]
     assert "unhealthy" in log and "heartbeat" in log, log[-3000:]
