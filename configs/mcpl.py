@@ -7,9 +7,10 @@ which `main` pre-trains into the cache on first use (`<cache>/backbones/clip-<ha
 `--config.data.tokenizer=<same folder>`) or `=<a CLIP run's workdir>` takes those weights.
 
 Presets (`--config=configs/mcpl.py:PRESET`):
-  ''    CPU-sized: the configs/clip.py:vit backbone (MCPL's prompts need a ViT; ~10 min to
-        pre-train on 2 cores, once), then a short prompt tuning; `bench quality` runs the
-        ablation variants below.
+  ''    CPU-sized: the configs/clip.py:vit backbone (MCPL's prompts need a ViT: a hybrid one,
+        whose ResNet-50 trunk makes the tokens, learns SynthCXR within this budget where a
+        patch ViT does not; ~15 min to pre-train on 2 cores, once), then a short prompt tuning;
+        `bench quality` runs the ablation variants below.
   tiny  tests and CI: configs/clip.py:tiny backbone trained for a few steps, tiny prompts.
   base  the published optimisation (SGD, batch 64, 224 px); meant for a ViT-B/16 CLIP
         passed with --config.init.backbone (else configs/clip.py:base is pre-trained first).

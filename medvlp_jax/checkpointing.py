@@ -123,10 +123,12 @@ class Checkpointer:
         self._manager.close()
 
 
-def load_params(path: str, params) -> object:
+def load_params(path: str, params, item: tuple[str, ...] = ("params",)) -> object:
     """Weights only: the params of another run's checkpoint at `path` (a workdir, its
     `checkpoints/` folder or one step's folder), checked against the structure of `params`.
 
+    `item` is the path of the subtree in the saved train state: ("params",) by default,
+    ("model_state", "batch_stats") for batch-norm running statistics.
     Returns host numpy arrays in the structure of `params`.
     """
     root = Path(path).absolute()
@@ -141,7 +143,14 @@ def load_params(path: str, params) -> object:
         raise FileNotFoundError(
             f"--config.init.checkpoint={path}: no checkpoint state under {root}"
         )
-    saved = ocp.StandardCheckpointer().metadata(state_dir).item_metadata["params"]
+    saved = ocp.StandardCheckpointer().metadata(state_dir).item_metadata
+    for key in item:
+        if key not in saved:
+            raise CheckpointMismatchError(
+                f"--config.init.checkpoint={path} holds no {'/'.join(item)} (it has "
+                f"{sorted(saved)} at {key!r})"
+            )
+        saved = saved[key]
     found = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
     want = jax.tree.structure(params)
     if jax.tree.structure(found) != want:
@@ -158,16 +167,37 @@ def load_params(path: str, params) -> object:
     ]
     if shapes:
         raise CheckpointMismatchError(f"--config.init.checkpoint={path}: shape mismatch {shapes}")
-    return _read_params(state_dir, found)
+    return _read_subtree(state_dir, item, found)
 
 
-def _read_params(state_dir: Path, abstract_params) -> object:
-    """Only the `params` of a saved train state, as host numpy arrays, whatever device layout
-    saved it (another process or device count: the saved shardings are not used)."""
-    item = {"params": abstract_params}
-    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+# Where each loadable Flax variable collection lives in a saved train state.
+VARIABLE_ITEMS = {"params": ("params",), "batch_stats": ("model_state", "batch_stats")}
+
+
+def load_variables(path: str, variables: dict) -> dict:
+    """`load_params` for each collection of `variables` ('params', 'batch_stats'): the weights
+    and the running statistics of batch norms of another run's checkpoint."""
+    unknown = set(variables) - set(VARIABLE_ITEMS)
+    if unknown:
+        raise ValueError(
+            f"cannot load collections {sorted(unknown)}; known: {list(VARIABLE_ITEMS)}"
+        )
+    return {
+        name: load_params(path, tree, item=VARIABLE_ITEMS[name]) for name, tree in variables.items()
+    }
+
+
+def _read_subtree(state_dir: Path, item: tuple[str, ...], abstract) -> object:
+    """Only the subtree at `item` of a saved train state, as host numpy arrays, whatever device
+    layout saved it (another process or device count: the saved shardings are not used)."""
+    tree = abstract
+    for key in reversed(item):
+        tree = {key: tree}
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     restored = ocp.PyTreeCheckpointer().restore(
         state_dir,
-        args=ocp.args.PyTreeRestore(item=item, restore_args=as_numpy, partial_restore=True),
+        args=ocp.args.PyTreeRestore(item=tree, restore_args=as_numpy, partial_restore=True),
     )
-    return restored["params"]
+    for key in item:
+        restored = restored[key]
+    return restored

@@ -71,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_best_metric = ""  # e.g. "eval/synthcxr/zero_shot_acc"; "" = keep last only
     c.train.compute_dtype = "float32"
     c.train.profile = False
+    # Before each evaluation, re-estimate batch-norm running statistics at the current weights
+    # from this many training batches (0: off); see medvlp_jax/batch_stats.py.
+    c.train.refresh_batch_stats = 0
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

@@ -20,7 +20,7 @@ from absl import logging
 from clu import parameter_overview
 from jax.experimental import multihost_utils
 
-from medvlp_jax import checkpointing, evaluate, optim
+from medvlp_jax import batch_stats, checkpointing, evaluate, optim
 from medvlp_jax.data import pipeline, sources, tokenize
 from medvlp_jax.data.bad_records import BadRecordReport
 from medvlp_jax.methods.base import Method, SetupContext, get_method
@@ -107,8 +107,10 @@ def create_state(
     )(init_rng, example)
     variables = jax.device_put(method.load_pretrained(variables), var_shardings)
     if config.init.checkpoint:
-        params = checkpointing.load_params(config.init.checkpoint, variables["params"])
-        variables = {**variables, "params": jax.device_put(params, var_shardings["params"])}
+        # Weights, and the running statistics of batch norms when the model has them.
+        loadable = {k: v for k, v in variables.items() if k in checkpointing.VARIABLE_ITEMS}
+        loaded = checkpointing.load_variables(config.init.checkpoint, loadable)
+        variables = {**variables, **jax.device_put(loaded, {k: var_shardings[k] for k in loaded})}
         logging.info("loaded weights from %s", config.init.checkpoint)
 
     state = TrainState(
@@ -215,15 +217,19 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     bad_records = BadRecordReport()
     records = sources.load_records(config.data, "train", bad_records)
     method.setup(SetupContext(config, workdir, mesh, tokenizer, records))
-    data_iter = pipeline.train_iterator(
-        config.data,
-        records,
-        tokenizer,
-        seed=config.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        hooks=method.data_hooks(tokenizer),
-    )
+
+    def make_train_iterator(seed: int):
+        return pipeline.train_iterator(
+            config.data,
+            records,
+            tokenizer,
+            seed=seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            hooks=method.data_hooks(tokenizer),
+        )
+
+    data_iter = make_train_iterator(config.seed)
     writer = MetricWriter(workdir)
     writer.write(0, bad_records.metrics("data/train/"))
     ckpt = checkpointing.Checkpointer(
@@ -250,13 +256,29 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
             out_shardings=(shardings, replicated(mesh)),
             donate_argnums=(0,),
         )
-        metrics = _loop(config, state, step_fn, data_iter, mesh, ckpt, writer, evaluator)
+        refresher = None
+        if config.train.refresh_batch_stats and state.model_state.get("batch_stats"):
+            refresh_step = jax.jit(
+                batch_stats.make_refresh_step(method),
+                in_shardings=(shardings, batch_shardings(mesh, example)),
+                out_shardings=shardings,
+                donate_argnums=(0,),
+            )
+            refresher = batch_stats.BatchStatsRefresher(
+                refresh_step,
+                lambda: make_train_iterator(config.seed + 1),
+                config.train.refresh_batch_stats,
+                mesh,
+            )
+        metrics = _loop(config, state, step_fn, data_iter, mesh, ckpt, writer, evaluator, refresher)
     ckpt.close()
     writer.close()
     return metrics
 
 
-def _loop(config, state, step_fn, data_iter, mesh, ckpt, writer, evaluator) -> dict:
+def _loop(config, state, step_fn, data_iter, mesh, ckpt, writer, evaluator, refresher=None) -> dict:
+    """Steps from the state's step to `train.num_steps`; evaluates (after refreshing batch-norm
+    statistics when `refresher` is given) and checkpoints on schedule."""
     train_cfg = config.train
     num_steps = train_cfg.num_steps
     first = int(state.step)
@@ -284,6 +306,8 @@ def _loop(config, state, step_fn, data_iter, mesh, ckpt, writer, evaluator) -> d
             last = step == num_steps
             evaluated = step % train_cfg.eval_every == 0 or last
             if evaluated:
+                if refresher is not None:
+                    state = refresher(state)
                 eval_metrics = evaluator.run(state)
                 writer.write(step, eval_metrics)
             stopping = stop.should_stop(step)

@@ -10,14 +10,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from medvlp_jax import batch_stats, train
 from medvlp_jax import config as config_lib
-from medvlp_jax.data import sources, tokenize
+from medvlp_jax.data import pipeline, sources, tokenize
 from medvlp_jax.methods.base import SetupContext, get_method
+from medvlp_jax.methods.mflag import MFlagModel
 from medvlp_jax.parallel import mesh as mesh_lib
+from medvlp_jax.parallel.sharding import ACTIVATION_RULES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,9 +58,11 @@ def test_main_trains_resumes_and_keeps_the_language_model_frozen(tmp_path):
     first = _main(work, cache, "train.num_steps=5", *no_eval)
     assert "text embedding cache miss" in first.stderr
     assert "fewer trainable parameters than a dual encoder" in first.stderr
-    second = _main(work, cache)  # the preset's 10 steps, then the evaluators
+    # the preset's 10 steps, then batch-norm statistics are refreshed and the evaluators run
+    second = _main(work, cache, "train.refresh_batch_stats=2")
     assert "resuming from step 5" in second.stdout
     assert "text embedding cache hit" in second.stderr and "cache miss" not in second.stderr
+    assert "refreshed batch-norm statistics on 2 batches" in second.stderr
 
     lines = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     final = [m for m in lines if m["step"] == 10 and "eval/synthcxr/zero_shot_acc" in m]
@@ -90,5 +97,81 @@ def test_main_trains_resumes_and_keeps_the_language_model_frozen(tmp_path):
     method = get_method(warm)
     tok = tokenize.load_tokenizer(warm.data.tokenizer)
     records = sources.load_records(warm.data, "train")
-    method.setup(SetupContext(warm, tmp_path, mesh_lib.make_mesh(warm.mesh), tok, records))
+    mesh = mesh_lib.make_mesh(warm.mesh)
+    method.setup(SetupContext(warm, tmp_path, mesh, tok, records))
     assert method.cache_hit
+    # ... and the whole start state: weights and the projectors' batch-norm statistics.
+    example = next(pipeline.train_iterator(warm.data, records, tok, seed=0))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(ACTIVATION_RULES):
+        state, *_ = train.create_state(warm, method, mesh, mesh_lib.global_batch(mesh, example))
+    for name in ("params", "model_state"):
+        saved, loaded = at10[name], getattr(state, name)
+        for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(loaded), strict=True):
+            np.testing.assert_array_equal(a, np.asarray(b))
+    assert jax.tree.leaves(state.model_state)  # the projectors' BNs: there are statistics
+
+
+def test_batch_stats_refresh_brings_eval_mode_to_train_mode_and_touches_nothing_else():
+    """Stale running statistics (shifted and scaled) make eval-mode projections far from the
+    train-mode ones; a refresh at fixed weights brings them together, changes only
+    `model_state`, and is repeatable (each refresh starts a fresh fixed-seed iterator)."""
+    config = config_lib.apply_overrides(
+        config_lib.load_config_file(str(ROOT / "configs/mflag.py:tiny")),
+        ["model.text_dropout_in_frozen_lm=true"],
+    )
+    mesh = mesh_lib.make_mesh(config.mesh)
+    tokenizer = tokenize.load_tokenizer(config.data.tokenizer)
+    records = sources.load_records(config.data, "train")
+    method = get_method(config)
+    method.setup(SetupContext(config, Path("/nonexistent"), mesh, tokenizer, records))
+    make_iterator = lambda: pipeline.train_iterator(config.data, records, tokenizer, seed=1)
+    it = make_iterator()
+    images = np.concatenate([next(it)["image"] for _ in range(4)])  # 64 training images
+
+    def projections(variables, train_mode):
+        model_vars = {**variables, "params": dict(variables["params"])}
+        model_vars["params"].pop("text")
+        fn = lambda m, x: m.proj_v(m.image_features(x, train=train_mode), train=train_mode)
+        mutable = ["batch_stats"] if train_mode else False
+        out = MFlagModel.apply(method.model, model_vars, images, method=fn, mutable=mutable)
+        return np.asarray(out[0] if train_mode else out)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(ACTIVATION_RULES):
+        example = mesh_lib.global_batch(mesh, next(it))
+        state, *_ = train.create_state(config, method, mesh, example)
+        refresher = batch_stats.BatchStatsRefresher(
+            jax.jit(batch_stats.make_refresh_step(method)), make_iterator, 200, mesh
+        )
+        # From the init statistics (0, 1) to the real ones, then spoiled relative to them.
+        # 200 batches: the tiny random tower's feature variances are ~1e-7, and a refresh
+        # keeps 0.9^K of the old statistics (2e-3 of them after 60 batches).
+        state = refresher(state)
+        stale = {
+            "batch_stats": jax.tree.map(
+                lambda stats: {
+                    "mean": stats["mean"] + 3.0 * jnp.sqrt(stats["var"]),
+                    "var": 5.0 * stats["var"],
+                },
+                state.model_state["batch_stats"],
+                is_leaf=lambda x: isinstance(x, dict) and "var" in x,
+            )
+        }
+        state = state.replace(model_state=stale)
+        refreshed = refresher(state)
+        again = refresher(state)
+
+    target = projections(state.variables(), train_mode=True)
+    error = lambda v: np.linalg.norm(projections(v, False) - target) / np.linalg.norm(target)
+    assert error(state.variables()) > 0.5
+    assert error(refreshed.variables()) < 0.2
+    for a, b in zip(jax.tree.leaves(refreshed.model_state), jax.tree.leaves(stale), strict=True):
+        assert not np.allclose(a, b)
+    for name in ("step", "params", "opt_state", "rng"):
+        for a, b in zip(
+            jax.tree.leaves(getattr(refreshed, name)),
+            jax.tree.leaves(getattr(state, name)),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(refreshed), jax.tree.leaves(again), strict=True):
+        np.testing.assert_array_equal(a, b)

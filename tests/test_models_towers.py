@@ -160,3 +160,44 @@ def test_vit_other_image_size_at_import_and_at_run_time(tmp_path):
     grey = _build("vit", layout="hf", activation="gelu", proj_dim=0, channels=1)
     kernel = load_hf_params(tmp_path / "vit32", grey)["params"]["patch_embed"]["kernel"]
     np.testing.assert_allclose(kernel[..., 0, :], v["params"]["patch_embed"]["kernel"].sum(2))
+
+
+def test_vit_resnet_stem_is_the_resnet_trunk_through_layer3():
+    tower = _build("vit", stem="resnet", patch_size=16)  # 32 px: a 2 x 2 token grid
+    images = jax.random.normal(jax.random.key(2), (4, 32, 32, 3))
+    variables = random_variables(tower, images)
+    stem, stats = variables["params"]["patch_embed"], variables["batch_stats"]["patch_embed"]
+    assert set(stem["trunk"]) >= {"conv1", "bn1", "layer3_5"} and "layer4_0" not in stem["trunk"]
+    assert tower.apply(variables, images)["tokens"].shape == (4, 5, 32)
+
+    # The stem = the standalone trunk (stride 16, 1024 channels) + a 1x1 conv to width, in
+    # eval mode (running statistics) and in train mode (batch statistics, updated).
+    trunk = build_image_tower(tower_config("resnet50")).clone(num_stages=3)
+    trunk_vars = {"params": stem["trunk"], "batch_stats": stats["trunk"]}
+    proj = stem["proj"]
+    for train in (False, True):
+        out = trunk.apply(
+            trunk_vars, images, train=train, mutable=["batch_stats"] if train else False
+        )
+        fmap = out[0]["feature_map"] if train else out["feature_map"]
+        assert fmap.shape == (4, 2, 2, 1024)
+        tokens = np.einsum("bhwc,cd->bhwd", fmap, proj["kernel"][0, 0]) + proj["bias"]
+        got = tower.apply(
+            variables,
+            images,
+            method=lambda m, x, t=train: m.patch_embed(x, t),
+            mutable=["batch_stats"] if train else False,
+        )
+        got = got[0] if train else got
+        np.testing.assert_allclose(got, tokens, rtol=1e-4, atol=1e-4)
+    _, updated = tower.apply(variables, images, train=True, mutable=["batch_stats"])
+    assert not np.allclose(
+        updated["batch_stats"]["patch_embed"]["trunk"]["bn1"]["mean"], stats["trunk"]["bn1"]["mean"]
+    )
+
+    with pytest.raises(ValueError, match="stem 'pixel' is not one of"):
+        random_variables(_build("vit", stem="pixel"), images)
+    with pytest.raises(ValueError, match="stem 'resnet' needs patch_size 16"):
+        random_variables(_build("vit", stem="resnet", patch_size=8), images)
+    with pytest.raises(ValueError, match=r"num_stages=5; expected 1\.\.4"):
+        random_variables(trunk.clone(num_stages=5), images)

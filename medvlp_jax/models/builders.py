@@ -49,6 +49,7 @@ _DEFAULTS: dict[str, dict] = {
         layout="clip",
         proj_dim=0,
         pooler=False,
+        stem="patch",
         activation="quick_gelu",
     ),
     "resnet50": dict(channels=3, dtype="float32", param_dtype="float32"),
@@ -161,6 +162,7 @@ def build_image_tower(cfg: ml_collections.ConfigDict):
         layout=f["layout"],
         proj_dim=f["proj_dim"] or None,
         pooler=f["pooler"],
+        stem=f["stem"],
     )
 
 

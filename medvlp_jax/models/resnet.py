@@ -3,6 +3,8 @@
 Batch norm runs in train mode (batch statistics, `batch_stats` updated; apply with
 `mutable=['batch_stats']`) when `train=True`, else with the running averages.
 `channels=1` gives a one-channel stem (the importer sums a pretrained RGB stem over channels).
+`num_stages` < 4 stops after layer{num_stages} (`feature_map` then has 256 * 2^(num_stages-1)
+channels at stride 2^(num_stages+1)); a hybrid ViT uses the trunk through layer3.
 
 Outputs: `feature_map` [B, h, w, 2048] (layer4), `tokens` [B, h*w, 2048] (the same, flattened
 row-major), `pooled` [B, 2048] (global average pool).
@@ -78,6 +80,7 @@ class ResNet50(nn.Module):
     """
 
     channels: int = 3
+    num_stages: int = 4
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -88,12 +91,14 @@ class ResNet50(nn.Module):
             raise ValueError(
                 f"expected NHWC images with {self.channels} channels, got shape {images.shape}"
             )
+        if not 1 <= self.num_stages <= len(STAGES):
+            raise ValueError(f"ResNet num_stages={self.num_stages}; expected 1..{len(STAGES)}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = conv(64, 7, 2, name="conv1", **kw)(images.astype(self.dtype))
         x = nn.relu(batch_norm(train=train, name="bn1", **kw)(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         in_features = 64
-        for stage, planes, blocks, stride in STAGES:
+        for stage, planes, blocks, stride in STAGES[: self.num_stages]:
             for j in range(blocks):
                 s = stride if j == 0 else 1
                 down = j == 0 and (s != 1 or in_features != planes * EXPANSION)

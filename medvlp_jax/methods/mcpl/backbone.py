@@ -190,13 +190,14 @@ def ensure(config: ml_collections.ConfigDict, spec: BackboneSpec) -> None:
     print(f"MCPL: backbone ready in {spec.path}", flush=True)
 
 
-def load(spec: BackboneSpec, params: dict) -> dict:
-    """Backbone (`TwoTower`) params with the pre-trained weights of `spec` (host arrays)."""
+def load(spec: BackboneSpec, variables: dict) -> dict:
+    """Backbone (`TwoTower`) variables ({'params'[, 'batch_stats']}) with the pre-trained
+    weights, and running statistics of batch-norm towers, of `spec` (host arrays)."""
     if spec.kind == "checkpoint":
-        return checkpointing.load_params(str(spec.path), params)
-    loaded = dict(params)
+        return checkpointing.load_variables(str(spec.path), variables)
+    loaded = dict(variables["params"])
     loaded["image"] = hf.load_hf_params(spec.path, build_image_tower(spec.image))["params"]
     loaded["text"] = hf.load_hf_params(spec.path, build_text_tower(spec.text))["params"]
     for name in ("image_proj", "text_proj"):
         loaded[name] = {"kernel": np.eye(spec.embed_dim, dtype=np.float32)}
-    return loaded
+    return {**variables, "params": loaded}

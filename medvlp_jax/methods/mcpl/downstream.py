@@ -57,14 +57,17 @@ def default_downstream_config() -> ml_collections.ConfigDict:
 
 
 def load_variables(method, workdir: Path, example: dict, mesh=None) -> dict:
-    """`{'params': ...}` of `method`'s run in `workdir` (its latest checkpoint); `example` is a
-    batch (arrays or `ShapeDtypeStruct`s) fixing the input shapes. Host arrays, or placed on
-    `mesh` with the trainer's parameter shardings."""
+    """`{'params'[, 'batch_stats']}` of `method`'s run in `workdir` (its latest checkpoint);
+    `example` is a batch (arrays or `ShapeDtypeStruct`s) fixing the input shapes. Host arrays,
+    or placed on `mesh` with the trainer's shardings."""
     boxed = jax.eval_shape(method.init, jax.random.PRNGKey(0), example)
-    variables = {"params": checkpointing.load_params(str(workdir), strip_boxes(boxed)["params"])}
+    abstract = strip_boxes(boxed)
+    loadable = {k: v for k, v in abstract.items() if k in checkpointing.VARIABLE_ITEMS}
+    variables = checkpointing.load_variables(str(workdir), loadable)
     if mesh is None:
         return variables
-    return jax.device_put(variables, {"params": variable_shardings(boxed, mesh)["params"]})
+    shardings = variable_shardings(boxed, mesh)
+    return jax.device_put(variables, {k: shardings[k] for k in variables})
 
 
 def embed_splits(config, workdir: Path) -> dict[str, dict]:

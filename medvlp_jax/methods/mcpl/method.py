@@ -99,9 +99,14 @@ class Mcpl(Method):
         )
 
     def load_pretrained(self, variables: dict) -> dict:
-        params = dict(variables["params"])
-        params["backbone"] = backbone.load(self.spec, params["backbone"])
-        return {**variables, "params": params}
+        # The backbone's subtree of every collection: params, and the running statistics of
+        # batch-norm towers (the frozen backbone runs in eval mode).
+        ours = {name: tree["backbone"] for name, tree in variables.items() if "backbone" in tree}
+        loaded = backbone.load(self.spec, ours)
+        return {
+            name: {**tree, "backbone": loaded[name]} if name in loaded else tree
+            for name, tree in variables.items()
+        }
 
     def trainable(self, params):
         return {
