@@ -6,7 +6,7 @@ Presets (`--config=configs/clip.py:PRESET`):
         ConVIRT froze the lower half of its BERT), impression sections first; `bench quality`
         runs it (~15 minutes on 2 quiet cores).
   vit   the default with a hybrid ViT (the image tower MCPL's prompts need; MCPL's default
-        backbone): a GroupNorm ResNet-50 trunk through layer3 makes the 4 x 4 tokens of a
+        backbone): a ResNet-50 trunk through layer3 (batch norms) makes the 4 x 4 tokens of a
         64 px image, then 4 transformer layers of width 256. A plain patch-16 ViT (or a
         conv-stem one) does not fit the CPU budget: on SynthCXR it needs far more steps to pick
         up the findings (measured, supervised, cardiomegaly AUROC: patch ViT 0.60 after 120

@@ -51,8 +51,8 @@ def get_config(arg: str = ""):
     c.train.num_steps = 240
     c.train.eval_every = 240
     c.train.checkpoint_every = 80
-    # From scratch at lr 1e-3 the ResNet's running statistics lag its weights: without a
-    # refresh the eval-mode features are off by 20x in scale and evaluate at chance.
+    # From scratch the ResNet's running statistics lag its weights (measured at lr 1e-3: without
+    # a refresh the eval-mode features were off by 20x in scale and evaluated at chance).
     c.train.refresh_batch_stats = 30
 
     if arg == "tiny":

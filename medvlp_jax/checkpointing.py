@@ -175,15 +175,13 @@ VARIABLE_ITEMS = {"params": ("params",), "batch_stats": ("model_state", "batch_s
 
 
 def load_variables(path: str, variables: dict) -> dict:
-    """`load_params` for each collection of `variables` ('params', 'batch_stats'): the weights
-    and the running statistics of batch norms of another run's checkpoint."""
-    unknown = set(variables) - set(VARIABLE_ITEMS)
-    if unknown:
-        raise ValueError(
-            f"cannot load collections {sorted(unknown)}; known: {list(VARIABLE_ITEMS)}"
-        )
+    """`load_params` for the collections of `variables` that a train state saves ('params',
+    'batch_stats'): the weights and the running statistics of batch norms of another run's
+    checkpoint. Returns only those collections (others, e.g. 'intermediates', are skipped)."""
     return {
-        name: load_params(path, tree, item=VARIABLE_ITEMS[name]) for name, tree in variables.items()
+        name: load_params(path, tree, item=VARIABLE_ITEMS[name])
+        for name, tree in variables.items()
+        if name in VARIABLE_ITEMS
     }
 
 

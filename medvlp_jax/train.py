@@ -108,8 +108,7 @@ def create_state(
     variables = jax.device_put(method.load_pretrained(variables), var_shardings)
     if config.init.checkpoint:
         # Weights, and the running statistics of batch norms when the model has them.
-        loadable = {k: v for k, v in variables.items() if k in checkpointing.VARIABLE_ITEMS}
-        loaded = checkpointing.load_variables(config.init.checkpoint, loadable)
+        loaded = checkpointing.load_variables(config.init.checkpoint, variables)
         variables = {**variables, **jax.device_put(loaded, {k: var_shardings[k] for k in loaded})}
         logging.info("loaded weights from %s", config.init.checkpoint)
 

@@ -113,7 +113,9 @@ class VisionTransformer(nn.Module):
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
             )
         if self.stem == "resnet" and self.patch_size != RESNET_STEM_STRIDE:
-            raise ValueError(f"stem 'resnet' needs patch_size 16, got {self.patch_size}")
+            raise ValueError(
+                f"stem 'resnet' needs patch_size {RESNET_STEM_STRIDE}, got {self.patch_size}"
+            )
         c = self.transformer
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
         clip = self.layout == "clip"

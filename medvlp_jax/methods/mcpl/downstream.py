@@ -61,9 +61,7 @@ def load_variables(method, workdir: Path, example: dict, mesh=None) -> dict:
     `example` is a batch (arrays or `ShapeDtypeStruct`s) fixing the input shapes. Host arrays,
     or placed on `mesh` with the trainer's shardings."""
     boxed = jax.eval_shape(method.init, jax.random.PRNGKey(0), example)
-    abstract = strip_boxes(boxed)
-    loadable = {k: v for k, v in abstract.items() if k in checkpointing.VARIABLE_ITEMS}
-    variables = checkpointing.load_variables(str(workdir), loadable)
+    variables = checkpointing.load_variables(str(workdir), strip_boxes(boxed))
     if mesh is None:
         return variables
     shardings = variable_shardings(boxed, mesh)
