@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from medvlp_jax import config as config_lib
+from medvlp_jax import optim
 from medvlp_jax.methods.base import SetupContext, get_method
 from medvlp_jax.methods.mflag import MFlagModel
 from medvlp_jax.models.builders import build_image_tower, build_text_tower
@@ -57,14 +58,14 @@ def np_orth(z, lam, normalize):
     return 0.5 * (np.sum((np.diag(c) - 1) ** 2) + lam * np.sum(off**2))
 
 
-def np_total(inputs, lam=0.0051, normalize=False, orth_chunks=1):
+def np_total(inputs, lam=0.0051, normalize=False, orth_chunks=1, orth_weight=1.0):
     """inputs = {'z', 't', 'proj_v', 'proj_t'} -> (loss, align, orth, stats)."""
     p, stats_v = np_head(inputs["z"], inputs["proj_v"])
     q, stats_t = np_head(inputs["t"], inputs["proj_t"])
     cos = np.sum(p * q, 1) / (np.linalg.norm(p, axis=1) * np.linalg.norm(q, axis=1))
     align = np.mean(4 - 4 * cos)
     orth = np.mean([np_orth(c, lam, normalize) for c in np.split(inputs["z"], orth_chunks)])
-    return align + orth, align, orth, {"proj_v": stats_v, "proj_t": stats_t}
+    return align + orth_weight * orth, align, orth, {"proj_v": stats_v, "proj_t": stats_t}
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -105,15 +106,21 @@ def directional_fd(fn, inputs, direction, eps=1e-5):
 # --- tests ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("normalize,lam", [(False, 0.0051), (True, 0.3)], ids=["raw", "norm"])
-def test_total_loss_value_stats_and_gradient_match_numpy(normalize, lam):
+@pytest.mark.parametrize(
+    "normalize,lam,weight", [(False, 0.0051, 1.0), (True, 0.3, 0.25)], ids=["raw", "norm"]
+)
+def test_total_loss_value_stats_and_gradient_match_numpy(normalize, lam, weight):
     method = get_method(
-        tiny_mflag(f"model.orth_normalize={normalize}", f"model.orth_lambda_offdiag={lam}")
+        tiny_mflag(
+            f"model.orth_normalize={normalize}",
+            f"model.orth_lambda_offdiag={lam}",
+            f"model.orth_weight={weight}",
+        )
     )
     inputs, stats = random_inputs(method)
     fn = jax.jit(lambda x, s: jax_total(method, x, s))
     loss, metrics, new_state = fn(inputs, stats)
-    want, align, orth, batch_stats = np_total(inputs, lam, normalize)
+    want, align, orth, batch_stats = np_total(inputs, lam, normalize, orth_weight=weight)
     np.testing.assert_allclose(loss, want, rtol=2e-5)
     np.testing.assert_allclose(metrics["align_loss"], align, rtol=2e-5)
     np.testing.assert_allclose(metrics["orth_loss"], orth, rtol=2e-5)
@@ -130,7 +137,9 @@ def test_total_loss_value_stats_and_gradient_match_numpy(normalize, lam):
     rng = np.random.default_rng(1)
     for _ in range(3):
         direction = jax.tree.map(lambda x: rng.normal(size=x.shape), inputs)
-        expected = directional_fd(lambda x: np_total(x, lam, normalize)[0], inputs, direction)
+        expected = directional_fd(
+            lambda x: np_total(x, lam, normalize, orth_weight=weight)[0], inputs, direction
+        )
         got = sum(
             float(np.sum(np.asarray(g, np.float64) * d))
             for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction), strict=True)
@@ -216,3 +225,19 @@ def test_bfloat16_features_give_a_float32_loss():
     assert loss.dtype == jnp.float32 and all(v.dtype == jnp.float32 for v in metrics.values())
     rounded = {**inputs, **{k: np.asarray(half[k], np.float64) for k in ("z", "t")}}
     np.testing.assert_allclose(loss, np_total(rounded)[0], rtol=1e-4)
+
+
+def test_scratch_preset_drops_the_orthogonality_and_slows_only_the_text_projector():
+    scratch = config_lib.load_config_file(str(ROOT / "configs/mflag.py:scratch"))
+    config_lib.check_choices(scratch)
+    method = get_method(tiny_mflag(f"model.orth_weight={scratch.model.orth_weight}"))
+    inputs, stats = random_inputs(method)
+    loss, metrics, _ = jax.jit(lambda x, s: jax_total(method, x, s))(inputs, stats)
+    assert metrics["orth_loss"] > 0.1
+    np.testing.assert_allclose(loss, metrics["align_loss"], rtol=1e-6)
+
+    params = {"image": {"conv": {"kernel": 0}}, **{k: inputs[k] for k in ("proj_v", "proj_t")}}
+    trainable = jax.tree.map(lambda _: True, params)
+    groups = optim.param_groups(scratch.optim, params, trainable)
+    assert set(jax.tree.leaves(groups["proj_t"])) == {"lr_x0.1"}
+    assert set(jax.tree.leaves({k: groups[k] for k in ("image", "proj_v")})) == {"lr_x1"}

@@ -21,7 +21,8 @@ Evaluation always runs the LM (class prompts and test reports are not cached).
 Config (`config.model`): `image`, `text` (tower configs; text must be 'bert' or 'roberta'),
 `image_init`, `text_init` (see `models.pretrained`; e.g. 'minilm' or a CXR-BERT folder),
 `proj_hidden` (2048), `proj_dim` (1024), `orth_normalize` (False), `orth_lambda_offdiag`
-(0.0051), `orth_batch` ('global' | 'per_device'), `text_dropout_in_frozen_lm` (False),
+(0.0051), `orth_weight` (1.0, the paper's plain sum; 0 ablates L_orth), `orth_batch`
+('global' | 'per_device'), `text_dropout_in_frozen_lm` (False),
 `text_cache_dir` ('' = `<data cache dir>/text_cls`), `text_cache_batch_size`.
 
 Params: `image` (tower), `proj_v`, `proj_t` (MLPHead) and `text` (the frozen LM, initialised
@@ -283,11 +284,16 @@ class MFlag(Method):
         )(z)
 
     def objective(self, z, p, q) -> tuple[jax.Array, dict]:
-        """`L_align(p, q) + L_orth(Z)` and its parts (float32). Z [B, D_img], p, q [B, E]."""
+        """`L_align(p, q) + orth_weight * L_orth(Z)` and its unweighted parts (float32).
+        Z [B, D_img], p, q [B, E]."""
         align = mflag_alignment_loss(p, q)
         orth = self._orthogonality(z)
         cosine = jnp.mean(jnp.sum(l2_normalize(p) * l2_normalize(q), axis=-1))
-        return align + orth, {"align_loss": align, "orth_loss": orth, "cosine": cosine}
+        return align + self.config.model.orth_weight * orth, {
+            "align_loss": align,
+            "orth_loss": orth,
+            "cosine": cosine,
+        }
 
     def features_loss(self, variables, z, text_cls, train: bool):
         """The loss from Z [B, D_img] and t_cls [B, D_text]: (loss, metrics, new mutable
