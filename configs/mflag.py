@@ -4,7 +4,7 @@ Presets (`--config=configs/mflag.py:PRESET`):
   ''    the default: a CPU-sized run (ResNet-50 from scratch at 64 px, batch 32, 240 steps;
         frozen pre-trained MiniLM whose [CLS] embeddings are cached once; ~15 minutes on 2
         idle cores: a ResNet-50 step at 64 px, batch 32, takes ~2-3 s there); `bench quality`
-        and `bench mflag` use it. It does not learn SynthCXR well yet (README, Results).
+        and `bench mflag` use it. With the paper's loss it stays near chance here (README).
   scratch  the default with the orthogonality loss off (`model.orth_weight=0`), the text
         projector at 0.1x the lr of 1e-3, 120 steps: what learns best from scratch at batch 32.
   tiny  tests and CI: 32 px, a tiny ViT in place of ResNet-50, a tiny from-scratch BERT
