@@ -216,6 +216,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     bad_records = BadRecordReport()
     records = sources.load_records(config.data, "train", bad_records)
     method.setup(SetupContext(config, workdir, mesh, tokenizer, records))
+    hooks = method.data_hooks(tokenizer)  # read-only; shared by the training and refresh data
 
     def make_train_iterator(seed: int):
         return pipeline.train_iterator(
@@ -225,7 +226,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
             seed=seed,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
-            hooks=method.data_hooks(tokenizer),
+            hooks=hooks,
         )
 
     data_iter = make_train_iterator(config.seed)

@@ -37,6 +37,12 @@ STEMS = ("patch", "resnet")
 # al. 2021 uses the same trunk depth).
 RESNET_STEM_STAGES = 3
 RESNET_STEM_STRIDE = 16
+# Initialisers of the conv that makes the tokens (the patch conv, or the hybrid stem's 1x1
+# `proj`): kernel [kh, kw, C, width], bias [width].
+TOKEN_CONV_INITS = dict(
+    kernel_init=partitioned(nn.initializers.lecun_normal(), None, None, "conv_in", "embed"),
+    bias_init=partitioned(nn.initializers.zeros_init(), "embed"),
+)
 
 
 def resize_posemb_grid(grid: jax.Array, new_hw: tuple[int, int]) -> jax.Array:
@@ -77,14 +83,7 @@ class ResNetStem(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         trunk = ResNet50(self.channels, num_stages=RESNET_STEM_STAGES, name="trunk", **kw)
         x = trunk(x, train=train)["feature_map"]
-        return nn.Conv(
-            self.width,
-            (1, 1),
-            kernel_init=partitioned(nn.initializers.lecun_normal(), None, None, "conv_in", "embed"),
-            bias_init=partitioned(nn.initializers.zeros_init(), "embed"),
-            name="proj",
-            **kw,
-        )(x)
+        return nn.Conv(self.width, (1, 1), name="proj", **TOKEN_CONV_INITS, **kw)(x)
 
 
 class VisionTransformer(nn.Module):
@@ -128,10 +127,7 @@ class VisionTransformer(nn.Module):
                 strides=(self.patch_size, self.patch_size),
                 padding="VALID",
                 use_bias=not clip,
-                kernel_init=partitioned(
-                    nn.initializers.lecun_normal(), None, None, "conv_in", "embed"
-                ),
-                bias_init=partitioned(nn.initializers.zeros_init(), "embed"),
+                **TOKEN_CONV_INITS,
                 **kw,
             )
         grid = self.image_size // self.patch_size
