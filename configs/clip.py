@@ -17,6 +17,7 @@ Presets (`--config=configs/clip.py:PRESET`):
 
 from medvlp_jax.config import base_config
 from medvlp_jax.models.builders import tower_config
+from medvlp_jax.weights import load_spec
 
 
 def get_config(arg: str = ""):
@@ -28,8 +29,9 @@ def get_config(arg: str = ""):
     c.model.memory_light = False
     c.model.text_pooling = "mean"
     c.model.embed_dim = 256
-    c.model.image_init = ""
-    c.model.text_init = "minilm"
+    # Pre-trained towers (medvlp_jax/weights.py): --config.init.image.source=resnet50.safetensors
+    c.init.image = load_spec("", into="image")
+    c.init.text = load_spec("minilm", into="text")
 
     # Impressions name the positive findings in a sentence or two; findings sections list
     # many negatives that a mean-pooled sentence embedding barely tells apart.
@@ -43,11 +45,11 @@ def get_config(arg: str = ""):
     c.model.text.attention_dropout_rate = 0.0
 
     c.optim.lr = 1e-3
-    c.optim.freeze = (
-        r"text/(word_embeddings|position_embeddings|token_type_embeddings|embed_norm)/.*",
-        r"text/encoder/layer_[0-3]/.*",
+    c.optim.groups = (
+        r"text/(word_embeddings|position_embeddings|token_type_embeddings|embed_norm)/.* -> frozen",
+        r"text/encoder/layer_[0-3]/.* -> frozen",
+        "text/.* -> lr=0.1",  # gentler on the pre-trained text layers
     )
-    c.optim.lr_multipliers = ("text/.*=0.1",)  # gentler on the pre-trained text layers
     c.optim.warmup_steps = 20
     c.train.num_steps = 200
     c.train.eval_every = 200
@@ -74,8 +76,8 @@ def get_config(arg: str = ""):
         c.model.image = tower_config("vit", "tiny")
         c.model.text = tower_config("bert", "tiny")
         c.model.text.vocab_size = 30522  # the MiniLM tokenizer's vocabulary
-        c.model.text_init = ""
-        c.optim.freeze = ()
+        c.init.text.source = ""
+        c.optim.groups = ("text/.* -> lr=0.1",)  # no frozen layers
         c.optim.lr = 1e-4
         c.optim.warmup_steps = 2
         c.train.num_steps = 20
@@ -90,8 +92,8 @@ def get_config(arg: str = ""):
         c.model.embed_dim = 512
         c.model.image = tower_config("vit", "base")
         c.model.text = tower_config("bert", "base")
-        c.model.text_init = ""
-        c.optim.freeze = ()
+        c.init.text.source = ""
+        c.optim.groups = ("text/.* -> lr=0.1",)  # no frozen layers
         c.optim.lr = 1e-4
         c.train.num_steps = 20000
         c.train.eval_every = 2000

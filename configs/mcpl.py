@@ -1,9 +1,10 @@
 """MCPL: multi-modal collaborative prompt learning on a frozen CLIP-style backbone.
 
-The backbone: `config.backbone` is a complete configs/clip.py run config. With
-`init.backbone=''` (the default) MCPL starts from that CLIP baseline pre-trained on SynthCXR,
-which `main` pre-trains into the cache on first use (`<cache>/backbones/clip-<hash>`);
-`--config.init.backbone=<HF CLIP folder>` (e.g. openai/clip-vit-base-patch16, with
+The backbone: `config.prerequisites.backbone` is a complete configs/clip.py run config. With
+`init.backbone.source='run:backbone'` (the default) MCPL starts from that CLIP baseline
+pre-trained on SynthCXR, which the trainer pre-trains into the cache on first use
+(`<cache>/runs/backbone-<hash>`, see medvlp_jax/prerequisites.py);
+`--config.init.backbone.source=<HF CLIP folder>` (e.g. openai/clip-vit-base-patch16, with
 `--config.data.tokenizer=<same folder>`) or `=<a CLIP run's workdir>` takes those weights.
 
 Presets (`--config=configs/mcpl.py:PRESET`):
@@ -13,7 +14,7 @@ Presets (`--config=configs/mcpl.py:PRESET`):
         `bench quality` runs the ablation variants below.
   tiny  tests and CI: configs/clip.py:tiny backbone trained for a few steps, tiny prompts.
   base  the published optimisation (SGD, batch 64, 224 px); meant for a ViT-B/16 CLIP
-        passed with --config.init.backbone (else configs/clip.py:base is pre-trained first).
+        passed with --config.init.backbone.source (else configs/clip.py:base is pre-trained first).
 """
 
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 from medvlp_jax.config import base_config, load_config_file
 from medvlp_jax.methods.mcpl.downstream import default_downstream_config
 from medvlp_jax.methods.mcpl.method import default_model_config
+from medvlp_jax.weights import load_spec
 
 CLIP_CONFIG = Path(__file__).with_name("clip.py")
 
@@ -39,10 +41,12 @@ def get_config(arg: str = ""):
         raise ValueError(f"unknown preset {arg!r} for configs/mcpl.py; use '', 'tiny' or 'base'")
     c = base_config()
     c.method = "mcpl"
-    c.backbone = load_config_file(f"{CLIP_CONFIG}:{arg or 'vit'}")
-    c.data = c.backbone.data.copy_and_resolve_references()
+    backbone = load_config_file(f"{CLIP_CONFIG}:{arg or 'vit'}")
+    c.prerequisites.backbone = backbone
+    c.init.backbone = load_spec("run:backbone", into="backbone")
+    c.data = backbone.data.copy_and_resolve_references()
     c.model = default_model_config()
-    c.evals = c.backbone.evals.copy_and_resolve_references()
+    c.evals = backbone.evals.copy_and_resolve_references()
     c.downstream = default_downstream_config()
 
     # CPU budget: `bench quality` tunes 4 variants after the backbone, so each gets ~1 epoch
@@ -60,11 +64,12 @@ def get_config(arg: str = ""):
 
     if arg == "tiny":
         # a backbone that merely exists (2 steps, no evaluation): tests share it
-        c.backbone.train.num_steps = 2
-        c.backbone.train.eval_every = 2
-        c.backbone.train.checkpoint_every = 2
+        backbone = c.prerequisites.backbone
+        backbone.train.num_steps = 2
+        backbone.train.eval_every = 2
+        backbone.train.checkpoint_every = 2
         for name in ("zero_shot", "retrieval", "linear_probe"):
-            c.backbone.evals[name].enabled = False
+            backbone.evals[name].enabled = False
         c.model.prompt_depth = 2
         c.model.relation_dim = 8
         c.model.keyword_hidden = 16

@@ -13,12 +13,13 @@ Presets (`--config=configs/mflag.py:PRESET`):
 The published setting (224 px, batch 2 x 512, AdamW 2e-5 with cosine warm restarts, 50
 epochs, a CXR-BERT language model) on real data: `--config.data.image_size=224
 --config.data.batch_size=1024 --config.optim.lr=2e-5 --config.optim.schedule=cosine_restarts`
-with `model.text_init` and `data.tokenizer` set to a BERT folder and `model.text.*` (width,
+with `init.text.source` and `data.tokenizer` set to a BERT folder and `model.text.*` (width,
 num_layers, num_heads, mlp_dim, vocab_size) sized like it.
 """
 
 from medvlp_jax.config import base_config
 from medvlp_jax.models.builders import tower_config
+from medvlp_jax.weights import load_spec
 
 
 def get_config(arg: str = ""):
@@ -26,8 +27,10 @@ def get_config(arg: str = ""):
     c.method = "mflag"
     c.model.image = tower_config("resnet50")
     c.model.text = tower_config("bert", "minilm")
-    c.model.image_init = ""  # or a torchvision ResNet-50 state dict saved as .safetensors
-    c.model.text_init = "minilm"  # or a Hugging Face BERT/RoBERTa folder
+    # Pre-trained towers (medvlp_jax/weights.py): the image tower from a torchvision ResNet-50
+    # state dict saved as .safetensors, the LM from 'minilm' or a Hugging Face BERT/RoBERTa folder.
+    c.init.image = load_spec("", into="image")
+    c.init.text = load_spec("minilm", into="text")
     c.model.proj_hidden = 2048
     c.model.proj_dim = 1024
     c.model.orth_normalize = False
@@ -73,7 +76,7 @@ def get_config(arg: str = ""):
         c.model.image.image_size = c.data.get_ref("image_size")
         c.model.text = tower_config("bert", "tiny")
         c.model.text.vocab_size = 30522  # the MiniLM tokenizer's vocabulary
-        c.model.text_init = ""
+        c.init.text.source = ""
         c.model.proj_hidden = 64
         c.model.proj_dim = 32
         c.optim.warmup_steps = 2
@@ -92,7 +95,7 @@ def get_config(arg: str = ""):
         # collapses, so it learns at a tenth of the rate (a slow target, as in BYOL).
         c.optim.lr = 1e-3
         c.model.orth_weight = 0.0
-        c.optim.lr_multipliers = ("proj_t/.*=0.1",)
+        c.optim.groups = ("proj_t/.* -> lr=0.1",)
         c.train.num_steps = 120
         c.train.eval_every = 120
         c.train.checkpoint_every = 40

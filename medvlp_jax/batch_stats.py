@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import jax
-from absl import logging
 
+from medvlp_jax import console
 from medvlp_jax.methods.base import Method
 from medvlp_jax.parallel import mesh as mesh_lib
 from medvlp_jax.state import TrainState
@@ -58,5 +58,5 @@ class BatchStatsRefresher:
         iterator = self.make_iterator()
         for _ in range(self.num_batches):
             state = self.refresh_step(state, mesh_lib.global_batch(self.mesh, next(iterator)))
-        logging.info("refreshed batch-norm statistics on %d batches", self.num_batches)
+        console.say(f"refreshed batch-norm statistics on {self.num_batches} batches")
         return state

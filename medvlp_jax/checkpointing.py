@@ -69,20 +69,40 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, state: TrainState, data_iterator, metrics: dict | None = None) -> None:
-        """Starts an async save of `state` and the iterator's position at `state.step`."""
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(
+        self,
+        state: TrainState,
+        data_iterator,
+        metrics: dict | None = None,
+        meta: dict | None = None,
+    ) -> None:
+        """Starts an async save of `state`, the iterator's position at `state.step` and `meta`
+        (a small JSON dict: the training stage)."""
         step = int(jax.device_get(state.step))
         if self.best_metric and metrics is not None and self.best_metric not in metrics:
             metrics = None
+        items = dict(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+        )
+        if meta is not None:
+            items["meta"] = ocp.args.JsonSave(meta)
         self._manager.save(
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=grain.checkpoint.CheckpointSave(data_iterator),
-            ),
+            args=ocp.args.Composite(**items),
             metrics=metrics,
             force=True,
         )
+
+    def read_meta(self, step: int) -> dict | None:
+        """The `meta` dict saved with `step` (None for checkpoints written without one)."""
+        if not (self._manager.directory / str(step) / "meta").is_dir():
+            return None
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored["meta"])
 
     def restore(self, abstract_state: TrainState, data_iterator, step: int | None = None):
         """Restores the train state (sharded like `abstract_state`) and, when the process count
@@ -123,66 +143,38 @@ class Checkpointer:
         self._manager.close()
 
 
-def load_params(path: str, params, item: tuple[str, ...] = ("params",)) -> object:
-    """Weights only: the params of another run's checkpoint at `path` (a workdir, its
-    `checkpoints/` folder or one step's folder), checked against the structure of `params`.
-
-    `item` is the path of the subtree in the saved train state: ("params",) by default,
-    ("model_state", "batch_stats") for batch-norm running statistics.
-    Returns host numpy arrays in the structure of `params`.
-    """
-    root = Path(path).absolute()
+def find_state_dir(path: str, what: str) -> Path:
+    """The `state/` folder of the latest step under `path` (a workdir, its `checkpoints/`
+    folder or one step's folder); `what` names the config field in errors."""
+    root = Path(path).expanduser().absolute()
     for candidate in (root / "checkpoints", root):
-        if candidate.is_dir() and any(p.name.isdigit() for p in candidate.iterdir()):
-            root = candidate / str(
-                max(int(p.name) for p in candidate.iterdir() if p.name.isdigit())
-            )
+        steps = [p for p in candidate.iterdir() if p.name.isdigit()] if candidate.is_dir() else []
+        if steps:
+            root = max(steps, key=lambda p: int(p.name))
             break
     state_dir = root / "state"
     if not state_dir.is_dir():
-        raise FileNotFoundError(
-            f"--config.init.checkpoint={path}: no checkpoint state under {root}"
-        )
-    saved = ocp.StandardCheckpointer().metadata(state_dir).item_metadata
-    for key in item:
-        if key not in saved:
-            raise CheckpointMismatchError(
-                f"--config.init.checkpoint={path} holds no {'/'.join(item)} (it has "
-                f"{sorted(saved)} at {key!r})"
-            )
-        saved = saved[key]
-    found = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
-    want = jax.tree.structure(params)
-    if jax.tree.structure(found) != want:
-        raise CheckpointMismatchError(
-            f"--config.init.checkpoint={path} holds other parameters: "
-            f"{_structure_diff(params, found)}"
-        )
-    shapes = [
-        f"{jax.tree_util.keystr(p)}: {a.shape} vs {b.shape}"
-        for (p, a), b in zip(
-            jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(found), strict=True
-        )
-        if tuple(a.shape) != tuple(b.shape)
-    ]
-    if shapes:
-        raise CheckpointMismatchError(f"--config.init.checkpoint={path}: shape mismatch {shapes}")
-    return _read_subtree(state_dir, item, found)
+        raise FileNotFoundError(f"{what}: no checkpoint state under {root}")
+    return state_dir
 
 
 # Where each loadable Flax variable collection lives in a saved train state.
 VARIABLE_ITEMS = {"params": ("params",), "batch_stats": ("model_state", "batch_stats")}
 
 
-def load_variables(path: str, variables: dict) -> dict:
-    """`load_params` for the collections of `variables` that a train state saves ('params',
-    'batch_stats'): the weights and the running statistics of batch norms of another run's
-    checkpoint. Returns only those collections (others, e.g. 'intermediates', are skipped)."""
-    return {
-        name: load_params(path, tree, item=VARIABLE_ITEMS[name])
-        for name, tree in variables.items()
-        if name in VARIABLE_ITEMS
-    }
+def read_variables(state_dir: Path) -> dict:
+    """The loadable collections ('params', 'batch_stats') of a saved train state, as host
+    numpy arrays, whatever device layout saved them."""
+    saved = ocp.StandardCheckpointer().metadata(state_dir).item_metadata
+    out = {}
+    for name, item in VARIABLE_ITEMS.items():
+        tree = saved
+        for key in item:
+            tree = tree[key] if tree is not None and key in tree else None
+        if tree:
+            abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
+            out[name] = _read_subtree(state_dir, item, abstract)
+    return out
 
 
 def _read_subtree(state_dir: Path, item: tuple[str, ...], abstract) -> object:

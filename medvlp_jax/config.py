@@ -29,14 +29,22 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("adamw", "sgd"),
     "optim.schedule": ("constant", "cosine", "linear", "cosine_restarts"),
     "train.compute_dtype": ("float32", "bfloat16"),
+    "train.keep_best_mode": ("max", "min"),
 }
+
+
+def _load_spec() -> ml_collections.ConfigDict:
+    from medvlp_jax.weights import load_spec  # weights imports this module
+
+    return load_spec(order=1)
 
 
 def base_config() -> ml_collections.ConfigDict:
     """Returns the fields every run has; method configs fill in `method` and `model`."""
     c = ml_collections.ConfigDict()
     c.method = "clip"
-    c.mode = "train"
+    c.mode = "train"  # train | eval (evaluate a checkpoint, train nothing) | data
+    c.eval_step = -1  # mode=eval: the checkpoint step to evaluate (-1: the latest)
     c.seed = 0
     c.data = default_data_config()
     c.model = ml_collections.ConfigDict()
@@ -51,15 +59,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.momentum = 0.9
     c.optim.nesterov = False
     c.optim.schedule = "cosine"
-    c.optim.warmup_steps = 0
+    c.optim.warmup_steps = 0  # optimizer updates, as restart_period (see grad_accum_steps)
     c.optim.warmup_init_lr = 0.0
     c.optim.end_lr = 0.0
     c.optim.restart_period = 1000
     c.optim.clip_grad_norm = 1.0
     c.optim.grad_accum_steps = 1
-    # Regexes over '/'-joined parameter paths.
-    c.optim.freeze = ()
-    c.optim.lr_multipliers = ()  # ("regex=factor", ...)
+    # Ordered rows "REGEX -> frozen" | "REGEX -> lr=F wd=G" over '/'-joined parameter paths,
+    # after the method's own rows; first match wins (see medvlp_jax/optim.py).
+    c.optim.groups = ()
     c.optim.no_decay = (r".*bias$", r".*(norm|ln|layernorm|bn|LayerNorm|BatchNorm).*/scale$")
 
     c.train = ml_collections.ConfigDict()
@@ -69,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 200
     c.train.keep_checkpoints = 3
     c.train.keep_best_metric = ""  # e.g. "eval/synthcxr/zero_shot_acc"; "" = keep last only
+    c.train.keep_best_mode = "max"  # "max" (accuracy, AUROC) or "min" (a loss)
     c.train.compute_dtype = "float32"
     c.train.profile = False
     # Before each evaluation, re-estimate batch-norm running statistics at the current weights
@@ -81,18 +90,40 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.tensor = 1
     c.mesh.strategy = ""  # "" | "dp" | "fsdp" | "fsdp_tp": preset that overrides the axes
 
+    # Named weight loads (medvlp_jax/weights.py), run in `order` then name order at the first
+    # stage's start (and at a later stage's start for the loads it adds or changes).
+    # `checkpoint` warm-starts from another run of this library (its latest checkpoint):
+    # --config.init.checkpoint.source=DIR
     c.init = ml_collections.ConfigDict()
-    c.init.checkpoint = ""  # weights only, from another run's workdir/checkpoint or HF folder
-    c.init.backbone = ""
+    c.init.checkpoint = _load_spec()
 
+    # Training stages (medvlp_jax/stages.py): `train.stages` names them in order, and
+    # `stages.<name>` holds each one's num_steps and the config fields it sets.
+    c.train.stages = ()
+    c.stages = ml_collections.ConfigDict()
+    # Runs this run needs first (medvlp_jax/prerequisites.py): `prerequisites.<name>` is a full
+    # run config, trained into the cache by the same code path as `main`; `init.<x>.source`
+    # 'run:<name>' loads its weights.
+    c.prerequisites = ml_collections.ConfigDict()
+
+    # Evaluators (medvlp_jax/evaluation/__init__.py): `evals.<name>` = type (a module of
+    # medvlp_jax.evaluation), enabled, optional pred ({role: predict function}, default: the
+    # type's PRED) and the type's fields. Keys: eval/<data.source>/<metric>, with /<name>
+    # before <metric> when the name is not the type's. A second eval of a type: copy one
+    # (`c.evals.retrieval_all = c.evals.retrieval.copy_and_resolve_references()`) and edit it.
     c.evals = ml_collections.ConfigDict()
     c.evals.zero_shot = ml_collections.ConfigDict()
+    c.evals.zero_shot.type = "zero_shot"
     c.evals.zero_shot.enabled = True
+    c.evals.zero_shot.classes = ()  # () = the data's zero-shot classes (sources.ZERO_SHOT_CLASSES)
     c.evals.zero_shot.templates = ("{}", "findings consistent with {}", "there is {}")
     c.evals.retrieval = ml_collections.ConfigDict()
+    c.evals.retrieval.type = "retrieval"
     c.evals.retrieval.enabled = True
     c.evals.retrieval.max_examples = 1000
+    c.evals.retrieval.rerank_k = 0  # > 0: pred.pair re-ranks the embeddings' top-k
     c.evals.linear_probe = ml_collections.ConfigDict()
+    c.evals.linear_probe.type = "linear_probe"
     c.evals.linear_probe.enabled = True
     c.evals.linear_probe.fractions = (0.01, 0.1, 1.0)
     c.evals.linear_probe.steps = 300
@@ -129,7 +160,7 @@ def closest_key(config: ml_collections.ConfigDict, path: str) -> str | None:
     return by_leaf[match[0]] if match else None
 
 
-def _lookup(config: ml_collections.ConfigDict, path: str):
+def lookup(config: ml_collections.ConfigDict, path: str):
     node = config
     for part in path.split("."):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
@@ -163,7 +194,7 @@ def check_overrides(config: ml_collections.ConfigDict, argv: Sequence[str]) -> N
             continue
         path, _, text = arg[len("--config.") :].partition("=")
         try:
-            current = _lookup(config, path)
+            current = lookup(config, path)
         except KeyError:
             hint = closest_key(config, path)
             suggestion = f"; did you mean --config.{hint}?" if hint else ""
@@ -190,7 +221,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     for override in overrides:
         path, _, text = override.partition("=")
         parent, _, leaf = path.rpartition(".")
-        node = _lookup(config, parent) if parent else config
+        node = lookup(config, parent) if parent else config
         node[leaf] = _parse(node[leaf], text)
     return config
 
@@ -198,7 +229,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
 def check_choices(config: ml_collections.ConfigDict) -> None:
     """Fails when an enumerated field holds a value outside its choices."""
     for path, allowed in CHOICES.items():
-        value = _lookup(config, path)
+        value = lookup(config, path)
         if value not in allowed:
             raise ConfigError(f"config.{path}={value!r}; expected one of {allowed}")
 

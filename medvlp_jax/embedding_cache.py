@@ -29,9 +29,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from absl import logging
 from jax.experimental import multihost_utils
 
+from medvlp_jax import console
 from medvlp_jax.data.tokenize import tokenize
 from medvlp_jax.parallel import mesh as mesh_lib
 
@@ -180,7 +180,7 @@ def build_or_load(
         # (file systems need not be shared).
         present = bool(np.all(multihost_utils.process_allgather(np.array(present))))
     if present:
-        logging.info("text embedding cache hit: %s", folder)
+        console.say(f"text embedding cache hit: {folder}")
         return folder, True
     unique = sorted(set(texts))
     digests = text_digest(unique)
@@ -190,7 +190,7 @@ def build_or_load(
         raise ValueError(f"compute returned {embeddings.shape}, expected [{len(unique)}, D]")
     info = {**(meta or {}), "key": key, "num_texts": len(unique), "dim": embeddings.shape[1]}
     _write_entry(folder, embeddings[order], digests[order], info)
-    logging.info("text embedding cache miss: embedded %d texts into %s", len(unique), folder)
+    console.say(f"text embedding cache miss: embedded {len(unique)} texts into {folder}")
     return folder, False
 
 

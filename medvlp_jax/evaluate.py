@@ -1,159 +1,280 @@
-"""Runs the evaluators of `config.evals` on a train state; returns flat `eval/<dataset>/<name>`.
+"""Builds the evaluators `config.evals` names and runs them on a train state.
 
-Embeddings are computed sharded (each process feeds its own records, padded batches carry a
-`valid` mask and each record's `index`), gathered to every host, de-padded and put back in
-record order, so no example is dropped or counted twice. The metric functions themselves are
-pure and live in `medvlp_jax.evaluation`.
+`config.evals.<name>` = `{type, enabled, pred, <the type's FIELDS>}`: `type` names a module of
+`medvlp_jax.evaluation` (see its docstring for the protocol), `pred` maps the evaluator's roles
+to the method's predict functions (`Method.predict_fns`; omitted = the type's `PRED`).
+Everything is checked when the `Evaluator` is built, before any training.
+
+Metric keys are `eval/<data.source>/<metric>` for an eval named after its type (`zero_shot`,
+`retrieval`, `linear_probe`), else `eval/<data.source>/<name>/<metric>`, so that several evals
+of one type never collide.
+
+The `Evaluator` is also the evaluators' context: predictions are computed sharded (each
+process feeds its own records, padded batches carry a `valid` mask and each row's `index`),
+gathered to every host, de-padded and put back in row order, so no example is dropped or
+counted twice. The metric functions themselves are pure and live in `medvlp_jax.evaluation`.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import operator
+import pkgutil
+from collections.abc import Callable, Iterator
+from types import ModuleType
 
 import jax
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from medvlp_jax import evaluation
+from medvlp_jax.config import ConfigError
 from medvlp_jax.data import pipeline, sources, tokenize
-from medvlp_jax.data.records import FIVE_CLASSES, Record
-from medvlp_jax.evaluation.linear_probe import linear_probe
-from medvlp_jax.evaluation.retrieval import retrieval_metrics
-from medvlp_jax.evaluation.zero_shot import zero_shot_classify
+from medvlp_jax.data.records import Record, missing_labels
 from medvlp_jax.parallel import mesh as mesh_lib
+
+Predict = Callable[[dict], jax.Array]  # a predict function bound to variables: batch -> [B, ...]
+
+# Batch fields a pair batch takes from its image's record; every other field (tokens, hook
+# fields, labels) comes from its text's record.
+IMAGE_FIELDS = ("image",)
+
+
+def known_types() -> list[str]:
+    """The evaluator modules of `medvlp_jax.evaluation` (those with a `run`)."""
+    names = (m.name for m in pkgutil.iter_modules(evaluation.__path__))
+    return sorted(n for n in names if hasattr(_import(n), "run"))
+
+
+def _import(type_name: str) -> ModuleType | None:
+    full = f"{evaluation.__name__}.{type_name}"
+    try:
+        return importlib.import_module(full)
+    except ModuleNotFoundError as e:
+        if e.name != full:
+            raise
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """One entry of `config.evals`, checked: its module, resolved config and metric prefix."""
+
+    name: str
+    module: ModuleType
+    cfg: ml_collections.ConfigDict  # config.evals.<name>, `pred` filled in
+    prefix: str
+
+
+def build_spec(name: str, cfg, predict_names, prefix: str) -> EvalSpec:
+    """Checks `config.evals.<name>` against its type and the method's predict functions.
+
+    Args:
+      name: the eval's name; cfg: `config.evals.<name>`.
+      predict_names: the method's predict function names (checked only if the eval is enabled).
+      prefix: `eval/<data.source>`.
+    Raises:
+      ConfigError: naming the field (`config.evals.<name>.type/pred/...`) and the valid choices.
+    """
+    where = f"config.evals.{name}"
+    raw = cfg.to_dict()
+    type_name = raw.get("type", "")
+    module = _import(type_name) if type_name.isidentifier() else None
+    if module is None or not hasattr(module, "run"):
+        raise ConfigError(f"{where}.type={type_name!r}; known evaluator types: {known_types()}")
+    fields = set(raw) - {"type", "enabled", "pred"}
+    unknown, missing = fields - set(module.FIELDS), set(module.FIELDS) - fields
+    if unknown or missing:
+        raise ConfigError(
+            f"{where}: unknown fields {sorted(unknown)}, missing fields {sorted(missing)}; "
+            f"type {type_name!r} has {list(module.FIELDS)} (+ type, enabled, pred)"
+        )
+    pred = dict(raw.get("pred", module.PRED))
+    if set(pred) - set(module.PRED):
+        raise ConfigError(
+            f"{where}.pred has roles {sorted(set(pred) - set(module.PRED))}; "
+            f"{type_name!r} has roles {list(module.PRED)}"
+        )
+    resolved = ml_collections.ConfigDict({"enabled": True, **raw, "pred": pred})
+    if resolved.enabled:
+        for role, fn in pred.items():
+            if fn and fn not in predict_names:
+                raise ConfigError(
+                    f"{where}.pred.{role}={fn!r}; the method's predict functions: "
+                    f"{sorted(predict_names)}"
+                )
+    if hasattr(module, "check"):
+        try:
+            module.check(resolved)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    return EvalSpec(name, module, resolved, prefix if name == type_name else f"{prefix}/{name}")
 
 
 class Evaluator:
-    """Zero-shot classification, retrieval and linear probe for one method and dataset."""
+    """The evaluators of `config.evals` for one method and dataset, and their context.
+
+    Context for `evaluation.<type>.run(ctx, preds, cfg)`: `config`, `mesh`, `seed`,
+    `records(split)`, `zero_shot_records()`, and the sharded prediction helpers
+    `predict_records` / `predict_texts` / `predict_pairs`.
+    """
 
     def __init__(self, config: ml_collections.ConfigDict, method, mesh, tokenizer):
         self.config = config
         self.method = method
         self.mesh = mesh
         self.tokenizer = tokenizer
+        self.seed = config.seed
         self.hooks = method.data_hooks(tokenizer)
-        self.prefix = f"eval/{config.data.source}"
-        self._embed_images = jax.jit(method.embed_images)
-        self._embed_texts = jax.jit(method.embed_texts)
+        self._predict = {name: jax.jit(fn) for name, fn in method.predict_fns().items()}
+        prefix = f"eval/{config.data.source}"
+        self.specs = [
+            build_spec(name, cfg, self._predict, prefix) for name, cfg in config.evals.items()
+        ]
         self._records: dict[str, list[Record]] = {}
+        self._zero_shot: tuple[list[Record], np.ndarray] | None = None
 
-    def _split(self, split: str) -> list[Record]:
+    def records(self, split: str) -> list[Record]:
+        """The records of `split` (loaded once)."""
         if split not in self._records:
             self._records[split] = sources.load_records(self.config.data, split)
         return self._records[split]
 
+    def zero_shot_records(self) -> tuple[list[Record], np.ndarray]:
+        """`sources.load_zero_shot_records` (loaded once): records and int32 `[N]` labels
+        indexing `sources.ZERO_SHOT_CLASSES`."""
+        if self._zero_shot is None:
+            self._zero_shot = sources.load_zero_shot_records(self.config.data)
+        return self._zero_shot
+
     def _gather(self, x) -> np.ndarray:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
-    def embed_records(self, variables, records: list[Record], texts: bool = True) -> dict:
-        """Embeds `records` -> dict of numpy arrays in record order: `image` `[N, D]`,
-        `text` `[N, D]` (if `texts`), `labels`/`label_mask` `[N, 14]`."""
-        out: dict[str, list] = {"index": [], "image": [], "labels": [], "label_mask": []}
-        if texts:
-            out["text"] = []
-        for batch in pipeline.eval_batches(
+    def _collect(self, local_batches: Iterator[dict], fns: dict[str, Predict]) -> dict:
+        """Runs `fns` on global batches made of each process's `local_batches` (numpy, with
+        `index` `[b]` and `valid` `[b]`) -> `{key: [N, ...]}` numpy gathered to every process,
+        in `index` order, padding dropped."""
+        out: dict[str, list] = {"index": [], **{key: [] for key in fns}}
+        for local in local_batches:
+            batch = mesh_lib.global_batch(self.mesh, local)
+            valid = self._gather(batch["valid"]).astype(bool)
+            out["index"].append(self._gather(batch["index"])[valid])
+            for key, fn in fns.items():
+                out[key].append(self._gather(fn(batch))[valid])
+        return _in_index_order(out)
+
+    def _eval_batches(self, records: list[Record], process_index: int, process_count: int):
+        return pipeline.eval_batches(
             self.config.data,
             records,
             self.tokenizer,
             batch_size=self.config.data.eval_batch_size,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
+            process_index=process_index,
+            process_count=process_count,
             hooks=self.hooks,
-        ):
-            batch = mesh_lib.global_batch(self.mesh, batch)
-            valid = self._gather(batch["valid"]).astype(bool)
-            out["index"].append(self._gather(batch["index"])[valid])
-            out["image"].append(self._gather(self._embed_images(variables, batch))[valid])
-            if texts:
-                out["text"].append(self._gather(self._embed_texts(variables, batch))[valid])
-            for key in ("labels", "label_mask"):
-                out[key].append(self._gather(batch[key])[valid])
-        arrays = {k: np.concatenate(v) for k, v in out.items()}
-        order = np.argsort(arrays.pop("index"), kind="stable")
-        return {k: v[order] for k, v in arrays.items()}
+        )
+
+    def predict_records(self, records: list[Record], fns: dict[str, Predict]) -> dict:
+        """Each of `fns` over `records` (each process feeds its share) -> numpy arrays in
+        record order: `{key: [N, ...]}` for every key of `fns`, plus `labels` / `label_mask`
+        `[N, 14]`."""
+        labels = {key: operator.itemgetter(key) for key in ("labels", "label_mask")}
+        batches = self._eval_batches(records, jax.process_index(), jax.process_count())
+        return self._collect(batches, {**fns, **labels})
+
+    def _host_fields(self, records: list[Record]) -> dict[str, np.ndarray]:
+        """Every batch field of all `records`, on this host: `{key: [N, ...]}` in record order
+        (each process loads every record; for the small sets pair scoring takes)."""
+        out: dict[str, list] = {}
+        for batch in self._eval_batches(records, 0, 1):
+            for key, value in batch.items():
+                if key != "valid":
+                    out.setdefault(key, []).append(value[batch["valid"]])
+        return _in_index_order(out)
+
+    def _predict_rows(self, fn: Predict, num_rows: int, take: Callable[[np.ndarray], dict]):
+        """`fn` over rows `0..num_rows-1` that every process can build alike (`take(rows)` ->
+        their numpy batch fields) -> `[num_rows, ...]`, in eval batches split over processes."""
+        size = self.config.data.eval_batch_size
+        if size % jax.process_count():
+            raise ValueError(f"data.eval_batch_size={size} does not split over the processes")
+        local = size // jax.process_count()
+
+        def batches():
+            for start in range(0, num_rows, size):
+                rows = start + jax.process_index() * local + np.arange(local)
+                valid = rows < num_rows
+                rows = np.where(valid, rows, 0)
+                yield {**take(rows), "index": rows.astype(np.int32), "valid": valid}
+
+        return self._collect(batches(), {"out": fn})["out"]
+
+    def predict_texts(self, texts: list[str], fn: Predict) -> np.ndarray:
+        """`fn` over free texts (class prompts) -> `[len(texts), ...]`, through the method's
+        data hooks (e.g. MCPL's keywords of the prompt itself)."""
+        ids, mask = tokenize.tokenize(self.tokenizer, texts, self.config.data.max_text_len)
+        fields = {"input_ids": ids, "attention_mask": mask}
+        fake = [Record(image_path="", text=t, labels=missing_labels()) for t in texts]
+        for hook in self.hooks:
+            per = [hook(r) for r in fake]
+            fields.update({k: np.stack([p[k] for p in per]) for k in per[0]})
+        return self._predict_rows(
+            fn, len(texts), lambda rows: {k: v[rows] for k, v in fields.items()}
+        )
+
+    def predict_pairs(self, records: list[Record], pairs: np.ndarray, fn: Predict) -> np.ndarray:
+        """A pair scorer over image-text pairs of `records`.
+
+        Args:
+          records: N records; every process loads all of them (N is an eval's max_examples).
+          pairs: `[P, 2]` int (image record, text record): row r pairs the `IMAGE_FIELDS` of
+            `records[pairs[r, 0]]` with every other field of `records[pairs[r, 1]]`.
+          fn: `batch -> [B]` (e.g. `pair_score`).
+        Returns:
+          `[P]` numpy scores.
+        """
+        fields = self._host_fields(records)
+
+        def take(r):
+            image, text = pairs[r, 0], pairs[r, 1]
+            return {k: v[image if k in IMAGE_FIELDS else text] for k, v in fields.items()}
+
+        return self._predict_rows(fn, len(pairs), take)
+
+    def embed_records(self, variables, records: list[Record], texts: bool = True) -> dict:
+        """`embed_image` (and `embed_text` if `texts`) over `records` -> numpy arrays in record
+        order: `image` `[N, D]`, `text` `[N, D]`, `labels`/`label_mask` `[N, 14]`."""
+        roles = (
+            {"image": "embed_image", "text": "embed_text"} if texts else {"image": "embed_image"}
+        )
+        return self.predict_records(records, self._bind(variables, roles))
 
     def embed_text_list(self, variables, texts: list[str]) -> np.ndarray:
-        """Embeds free texts (class prompts) -> `[len(texts), D]` through the method's text path,
-        hooks included (e.g. MCPL's keywords of the prompt itself)."""
-        shards = mesh_lib.batch_shards(self.mesh)
-        padded = texts + [texts[-1]] * (-len(texts) % shards)
-        ids, mask = tokenize.tokenize(self.tokenizer, padded, self.config.data.max_text_len)
-        batch = {"input_ids": ids, "attention_mask": mask}
-        fake = [
-            Record(
-                image_path="",
-                text=t,
-                labels=np.full(14, np.nan, np.float32),
-                study_id="",
-                subject_id="",
-                view="",
-            )
-            for t in padded
-        ]
-        for hook in self.hooks:
-            fields = [hook(r) for r in fake]
-            batch.update({k: np.stack([f[k] for f in fields]) for k in fields[0]})
-        # Every process embeds the same texts; the global batch is this list, unsharded.
-        local = {k: v[jax.process_index() :: jax.process_count()] for k, v in batch.items()}
-        emb = self._embed_texts(variables, mesh_lib.global_batch(self.mesh, local))
-        gathered = self._gather(emb)
-        order = np.concatenate(
-            [np.arange(len(padded))[i :: jax.process_count()] for i in range(jax.process_count())]
-        )
-        result = np.empty_like(gathered)
-        result[order] = gathered
-        return result[: len(texts)]
+        """`embed_text` over free texts -> `[len(texts), D]` (see `predict_texts`)."""
+        return self.predict_texts(texts, self._bind(variables, {"text": "embed_text"})["text"])
 
-    def zero_shot(self, variables) -> dict:
-        records, labels = sources.load_zero_shot_records(self.config.data)
-        images = self.embed_records(variables, records, texts=False)["image"]
-        templates = self.config.evals.zero_shot.templates
-        prompts = [t.format(c.lower()) for c in FIVE_CLASSES for t in templates]
-        class_emb = self.embed_text_list(variables, prompts)
-        class_emb = class_emb.reshape(len(FIVE_CLASSES), len(templates), -1)
-        result = zero_shot_classify(images, class_emb, labels)
-        return {"zero_shot_acc": result["acc"], "zero_shot_macro_f1": result["macro_f1"]}
-
-    def retrieval(self, variables) -> dict:
-        records = self._split("test")[: self.config.evals.retrieval.max_examples]
-        emb = self.embed_records(variables, records)
-        texts = [r.text for r in records]
-        # Identical reports are equally correct answers (templated normal studies repeat).
-        first = {t: i for i, t in reversed(list(enumerate(texts)))}
-        groups = np.array([first[t] for t in texts])
-        gt = groups[:, None] == groups[None, :]
-        return retrieval_metrics(emb["image"], emb["text"], gt)
-
-    def linear_probe(self, variables) -> dict:
-        cfg = self.config.evals.linear_probe
-        train = self.embed_records(variables, self._split("train")[: cfg.max_train_examples], False)
-        val = self.embed_records(variables, self._split("validate"), texts=False)
-        test = self.embed_records(variables, self._split("test"), texts=False)
-        results = linear_probe(
-            train["image"],
-            train["labels"],
-            train["label_mask"],
-            test["image"],
-            test["labels"],
-            test["label_mask"],
-            fractions=tuple(cfg.fractions),
-            seed=self.config.seed,
-            steps=cfg.steps,
-            l2=tuple(cfg.l2_grid),
-            val=(val["image"], val["labels"], val["label_mask"]),
-        )
-        return {
-            f"linear_probe_auroc@{fraction:g}": result["auroc"]
-            for fraction, result in results.items()
-        }
+    def _bind(self, variables, roles: dict[str, str]) -> dict[str, Predict]:
+        """`{role: predict-function name}` -> `{role: batch -> array}` on `variables`."""
+        return {role: functools.partial(self._predict[fn], variables) for role, fn in roles.items()}
 
     def run(self, state) -> dict:
-        """All enabled evaluators -> `{'eval/<dataset>/<metric>': float}`."""
+        """All enabled evaluators -> `{'eval/<dataset>[/<name>]/<metric>': float}`."""
         variables = state.variables()
         metrics: dict = {}
-        evals = self.config.evals
-        if evals.zero_shot.enabled:
-            metrics.update(self.zero_shot(variables))
-        if evals.retrieval.enabled:
-            metrics.update(self.retrieval(variables))
-        if evals.linear_probe.enabled:
-            metrics.update(self.linear_probe(variables))
-        return {f"{self.prefix}/{k}": float(v) for k, v in metrics.items()}
+        for spec in self.specs:
+            if spec.cfg.enabled:
+                preds = self._bind(variables, {r: fn for r, fn in spec.cfg.pred.items() if fn})
+                for key, value in spec.module.run(self, preds, spec.cfg).items():
+                    metrics[f"{spec.prefix}/{key}"] = float(value)
+        return metrics
+
+
+def _in_index_order(out: dict[str, list]) -> dict[str, np.ndarray]:
+    """`{'index': [chunks of [n]], key: [chunks of [n, ...]]}` -> `{key: [N, ...]}` concatenated
+    and sorted by index (the index itself dropped)."""
+    arrays = {k: np.concatenate(v) for k, v in out.items()}
+    order = np.argsort(arrays.pop("index"), kind="stable")
+    return {k: v[order] for k, v in arrays.items()}

@@ -4,6 +4,8 @@
 
 `--config=FILE:ARG` passes ARG to the file's `get_config` (e.g. `configs/clip.py:tiny`).
 Overrides are checked before anything runs: an unknown key fails naming the closest valid one.
+`--config.mode=eval` evaluates WORKDIR's latest checkpoint (or `--config.eval_step=N`).
+Library log lines below WARNING stay off the console unless `--verbosity=0` (INFO) or more.
 """
 
 from __future__ import annotations
@@ -33,14 +35,22 @@ def _preflight(argv: list[str]) -> None:
         sys.exit(f"config error: {e}")
 
 
-def _print_batch_summary(config) -> None:
-    """`--config.mode=data`: builds the training pipeline and prints one batch's fields."""
+def _print_batch_summary(config, workdir: Path) -> None:
+    """`--config.mode=data`: builds the training pipeline, with the fields the (first stage's)
+    method adds, and prints one batch's fields."""
     import jax
 
+    from medvlp_jax import stages
     from medvlp_jax.data import pipeline, sources, tokenize
+    from medvlp_jax.methods.base import SetupContext, get_method
+    from medvlp_jax.parallel import mesh as mesh_lib
 
+    config = stages.resolve(config)[0].config
     records = sources.load_records(config.data, "train")
     tokenizer = tokenize.load_tokenizer(config.data.tokenizer)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    method = get_method(config)
+    method.setup(SetupContext(config, workdir, mesh, tokenizer, records))
     batches = pipeline.train_iterator(
         config.data,
         records,
@@ -48,6 +58,7 @@ def _print_batch_summary(config) -> None:
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        hooks=method.data_hooks(tokenizer),
     )
     batch = next(batches)
     print(f"{len(records)} training records; one batch:")
@@ -63,8 +74,11 @@ def main(argv: list[str]) -> None:
     except config_lib.ConfigError as e:
         sys.exit(f"config error: {e}")
 
+    from medvlp_jax import console
     from medvlp_jax.parallel import distributed
 
+    verbosity = flags.FLAGS["verbosity"]
+    console.quiet_libraries(verbosity.value if verbosity.present else -1)
     distributed.setup_logging()
     distributed.initialize(config.distributed)
     with distributed.exit_on_failure():
@@ -82,12 +96,15 @@ def _run(config, workdir: Path) -> None:
     logging.info("config written to %s", workdir / "config.json")
 
     if config.mode == "data":
-        _print_batch_summary(config)
+        _print_batch_summary(config, workdir)
         return
 
     from medvlp_jax import train
 
-    train.run(config, workdir)
+    if config.mode == "eval":
+        train.evaluate_checkpoint(config, workdir, config.eval_step)
+    else:
+        train.run(config, workdir)
 
 
 if __name__ == "__main__":

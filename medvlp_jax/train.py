@@ -1,11 +1,15 @@
-"""The one generic training loop: init -> restore -> steps -> eval -> save.
+"""The one generic training loop: stages -> init or restore -> steps -> eval -> save.
 
 It knows methods only through `methods.base.Method`, and never branches on a method's name.
+A run is a list of stages (`medvlp_jax.stages`; one stage unless `train.stages` names more).
+Each stage builds its method from its own config, a fresh optimizer and a compiled step; the
+step counter runs on across stages, and checkpoints record the stage they were written in.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
 import time
 from pathlib import Path
@@ -17,10 +21,19 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import parameter_overview
 from jax.experimental import multihost_utils
 
-from medvlp_jax import batch_stats, checkpointing, evaluate, optim
+from medvlp_jax import (
+    batch_stats,
+    checkpointing,
+    console,
+    evaluate,
+    optim,
+    prerequisites,
+    stages,
+    throughput,
+    weights,
+)
 from medvlp_jax.data import pipeline, sources, tokenize
 from medvlp_jax.data.bad_records import BadRecordReport
 from medvlp_jax.methods.base import Method, SetupContext, get_method
@@ -36,15 +49,7 @@ from medvlp_jax.parallel.sharding import (
 )
 from medvlp_jax.state import TrainState
 
-
-@dataclasses.dataclass
-class Trainer:
-    """Everything built once per run: the state, its shardings and the compiled step."""
-
-    state: TrainState
-    shardings: TrainState
-    step_fn: object
-    lr_fn: object
+PROFILE_STEPS = 3  # steps traced by `train.profile`, after the first (compiling) step
 
 
 def _peek(iterator) -> dict:
@@ -59,11 +64,17 @@ def batch_shardings(mesh, batch: dict) -> dict:
     return {k: mesh_lib.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
 
 
+def _abstract(state, shardings):
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+    )
+
+
 def abstract_state(
     config: ml_collections.ConfigDict, method: Method, mesh, example: dict
 ) -> tuple[TrainState, TrainState, optax.GradientTransformation, object, object]:
     """The train state as sharded `jax.ShapeDtypeStruct`s, allocating nothing (memory
-    planning, AOT compilation). `example` may be abstract too.
+    planning, AOT compilation, restore targets). `example` may be abstract too.
 
     Returns (abstract state, shardings, tx, lr_fn, trainable).
     """
@@ -72,8 +83,9 @@ def abstract_state(
     var_shardings = variable_shardings(boxed, mesh)
     variables = strip_boxes(boxed)
     params = variables["params"]
-    trainable = optim.trainable_mask(config.optim, params, method.trainable(params))
-    tx, lr_fn = optim.build(config.optim, params, trainable, config.train.num_steps)
+    rules = optim.group_rules(config.optim, method.group_rules())
+    trainable = optim.trainable_mask(rules, params)
+    tx, lr_fn = optim.build(config.optim, params, rules, config.train.num_steps)
     opt_state = jax.eval_shape(tx.init, params)
     shardings = TrainState(
         step=replicated(mesh),
@@ -89,42 +101,104 @@ def abstract_state(
         model_state={k: v for k, v in variables.items() if k != "params"},
         rng=rng,
     )
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+    return _abstract(state, shardings), shardings, tx, lr_fn, trainable
+
+
+def _init_keys(config) -> tuple[jax.Array, jax.Array]:
+    """(parameter init key, the state's rng)."""
+    return tuple(jax.random.split(jax.random.PRNGKey(config.seed)))
+
+
+def _fresh_variables(method, shardings: TrainState, example, rng) -> dict:
+    var_shardings = {"params": shardings.params, **shardings.model_state}
+    return jax.jit(
+        lambda rng, batch: strip_boxes(method.init(rng, batch)), out_shardings=var_shardings
+    )(rng, example)
+
+
+def _apply_loads(config, method, variables: dict, shardings: TrainState, names) -> dict:
+    """`variables` with the `config.init` loads `names` applied (placed like `shardings`)."""
+    loaded, summary = weights.loaded_leaves(
+        config.init, weights.flatten(variables), method, weights.run_resolver(config), names
     )
-    return abstract, shardings, tx, lr_fn, trainable
+    for line in summary:
+        console.say(line)
+    if not loaded:
+        return variables
+    var_shardings = {"params": shardings.params, **shardings.model_state}
+    return jax.device_put(weights.overwrite(variables, loaded), var_shardings)
+
+
+def _state_from_variables(variables, tx, shardings: TrainState, step, rng) -> TrainState:
+    state = TrainState(
+        step=step,
+        params=variables["params"],
+        opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(variables["params"]),
+        model_state={k: v for k, v in variables.items() if k != "params"},
+        rng=rng,
+    )
+    return jax.device_put(state, shardings)
 
 
 def create_state(
     config: ml_collections.ConfigDict, method: Method, mesh, example: dict
 ) -> tuple[TrainState, TrainState, optax.GradientTransformation, object, object]:
-    """Initialises a sharded train state. Returns (state, shardings, tx, lr_fn, trainable)."""
+    """Initialises a sharded train state and runs every `config.init` load.
+    Returns (state, shardings, tx, lr_fn, trainable)."""
     _, shardings, tx, lr_fn, trainable = abstract_state(config, method, mesh, example)
-    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    var_shardings = {"params": shardings.params, **shardings.model_state}
-    variables = jax.jit(
-        lambda rng, batch: strip_boxes(method.init(rng, batch)), out_shardings=var_shardings
-    )(init_rng, example)
-    variables = jax.device_put(method.load_pretrained(variables), var_shardings)
-    if config.init.checkpoint:
-        # Weights, and the running statistics of batch norms when the model has them.
-        loaded = checkpointing.load_variables(config.init.checkpoint, variables)
-        variables = {**variables, **jax.device_put(loaded, {k: var_shardings[k] for k in loaded})}
-        logging.info("loaded weights from %s", config.init.checkpoint)
+    init_rng, state_rng = _init_keys(config)
+    variables = _fresh_variables(method, shardings, example, init_rng)
+    variables = _apply_loads(config, method, variables, shardings, None)
+    state = _state_from_variables(variables, tx, shardings, jnp.zeros((), jnp.int32), state_rng)
+    return state, shardings, tx, lr_fn, trainable
 
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=variables["params"],
-        opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(variables["params"]),
-        model_state={k: v for k, v in variables.items() if k != "params"},
-        rng=state_rng,
+
+def carry_over(
+    previous: TrainState,
+    stage: stages.Stage,
+    prior: ml_collections.ConfigDict,
+    method,
+    mesh,
+    example,
+) -> tuple[TrainState, TrainState, optax.GradientTransformation, object, object]:
+    """The first state of `stage` from the last state of the one before (config `prior`):
+    parameters and mutable collections carry over by path, those new in this stage are
+    initialised, the loads this stage adds or changes run, the optimizer state is fresh."""
+    config = stage.config
+    _, shardings, tx, lr_fn, trainable = abstract_state(config, method, mesh, example)
+    init_rng, _ = _init_keys(config)
+    fresh = _fresh_variables(method, shardings, example, jax.random.fold_in(init_rng, stage.index))
+    kept = weights.flatten(previous.variables())
+    carried, new = 0, []
+    for collection, leaves in weights.flatten(fresh).items():
+        for path, leaf in leaves.items():
+            old = kept.get(collection, {}).get(path)
+            if old is None:
+                new.append(f"{collection}/{path}")
+            elif old.shape != leaf.shape:
+                raise checkpointing.CheckpointMismatchError(
+                    f"stage '{stage.name}' changes the shape of {collection}/{path} from "
+                    f"{old.shape} to {leaf.shape}; a stage may add parameters, not reshape them"
+                )
+            else:
+                carried += 1
+    variables = jax.device_put(
+        weights.overwrite(fresh, kept), {"params": shardings.params, **shardings.model_state}
     )
-    return jax.device_put(state, shardings), shardings, tx, lr_fn, trainable
+    variables = _apply_loads(
+        config, method, variables, shardings, weights.changed_loads(prior.init, config.init)
+    )
+    logging.info("stage %s: %d arrays carried over, new: %s", stage.name, carried, new[:20])
+    if new:
+        console.say(f"stage '{stage.name}': {len(new)} new arrays initialised")
+    state = _state_from_variables(variables, tx, shardings, previous.step, previous.rng)
+    return state, shardings, tx, lr_fn, trainable
 
 
-def make_step_fn(method: Method, tx, lr_fn, trainable):
+def make_step_fn(method: Method, tx, lr_fn, trainable, optim_cfg, stage_start: int = 0):
     """The pure train step `(state, batch) -> (state, metrics)`. Frozen parameters are passed
-    through untouched, so they stay bit-identical."""
+    through untouched, so they stay bit-identical. The logged `lr` is the base lr the step's
+    optimizer update applies (`stage_start`: the global step the stage began at)."""
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
@@ -141,7 +215,9 @@ def make_step_fn(method: Method, tx, lr_fn, trainable):
         params = jax.tree.map(
             lambda p, u, t: optax.apply_updates(p, u) if t else p, state.params, updates, trainable
         )
-        metrics = {**metrics, "loss": loss, "lr": lr_fn(state.step)}
+        stage_step = state.step - stage_start
+        lr = optim.applied_lr(optim_cfg, lr_fn, stage_step)
+        metrics = {**metrics, "loss": loss, "lr": lr}
         new_state = state.replace(
             step=state.step + 1,
             params=params,
@@ -151,6 +227,28 @@ def make_step_fn(method: Method, tx, lr_fn, trainable):
         return new_state, metrics
 
     return step
+
+
+def jit_step(
+    method: Method,
+    tx,
+    lr_fn,
+    trainable,
+    shardings: TrainState,
+    example: dict,
+    optim_cfg: ml_collections.ConfigDict,
+    stage_start: int = 0,
+):
+    """The jitted train step (state donated) of `make_step_fn`, sharded like `shardings` and
+    batches like `example` (arrays or `ShapeDtypeStruct`s): the one builder that training,
+    the benchmarks and ahead-of-time compilation share."""
+    mesh = shardings.step.mesh
+    return jax.jit(
+        make_step_fn(method, tx, lr_fn, trainable, optim_cfg, stage_start),
+        in_shardings=(shardings, batch_shardings(mesh, example)),
+        out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=(0,),
+    )
 
 
 class _StopFlag:
@@ -186,138 +284,307 @@ class _StopFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _log_overview(params, trainable) -> None:
-    total = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-    n_train = sum(
-        int(np.prod(p.shape))
-        for p, t in zip(jax.tree.leaves(params), jax.tree.leaves(trainable), strict=True)
-        if t
+@dataclasses.dataclass
+class RunContext:
+    """What every stage of a run shares."""
+
+    config: ml_collections.ConfigDict
+    workdir: Path
+    mesh: jax.sharding.Mesh
+    tokenizer: object
+    records: list
+    ckpt: checkpointing.Checkpointer
+    writer: MetricWriter
+    plan: list[stages.Stage]
+    stop: _StopFlag
+
+
+@dataclasses.dataclass
+class StageRun:
+    """Everything built once per stage: its method, compiled step, evaluator and refresher."""
+
+    stage: stages.Stage
+    method: Method
+    data_iter: object
+    step_fn: object
+    throughput: throughput.Throughput
+    evaluator: evaluate.Evaluator
+    refresher: batch_stats.BatchStatsRefresher | None
+    state: TrainState | None = None  # the stage's last state, once its loop has run
+
+
+def _train_iterator(ctx: RunContext, hooks, seed: int):
+    return pipeline.train_iterator(
+        ctx.config.data,
+        ctx.records,
+        ctx.tokenizer,
+        seed=seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        hooks=hooks,
     )
-    logging.info("parameters:\n%s", parameter_overview.get_parameter_overview(params))
-    logging.info(
-        "trainable %d of %d parameters (%.1f%%); frozen %d",
-        n_train,
-        total,
-        100.0 * n_train / max(total, 1),
-        total - n_train,
+
+
+def _write_parameter_table(ctx: RunContext, stage, method, params) -> None:
+    rules = optim.group_rules(stage.config.optim, method.group_rules())
+    table = optim.group_table(rules, params)
+    path = ctx.workdir / "parameters.txt"
+    header = f"# stage {stage.index + 1}/{len(ctx.plan)} '{stage.name}'\n"
+    if jax.process_index() == 0:
+        mode = "w" if stage.index == 0 or not path.exists() else "a"
+        with path.open(mode) as f:
+            f.write(header + table)
+    sizes = [int(np.prod(p.shape)) for p in jax.tree.leaves(params)]
+    flags = jax.tree.leaves(optim.trainable_mask(rules, params))
+    total = sum(sizes)
+    trainable = sum(s for s, t in zip(sizes, flags, strict=True) if t)
+    console.say(console.parameter_line(stage, len(ctx.plan), total, trainable, path))
+
+
+def _check_stage_meta(ctx: RunContext, stage: stages.Stage, step: int) -> None:
+    meta = ctx.ckpt.read_meta(step)
+    if meta is not None and meta.get("stage") != stage.name:
+        raise checkpointing.CheckpointMismatchError(
+            f"the checkpoint at step {step} in {ctx.workdir / 'checkpoints'} was written in stage "
+            f"{meta.get('stage')!r}, but with this config step {step} belongs to stage "
+            f"{stage.name!r} (config.train.stages / config.stages.*.num_steps changed?)"
+        )
+
+
+def _start_stage(ctx: RunContext, stage, previous: TrainState | None, prior, data_state):
+    """Builds the stage's method and step; returns (StageRun, its first state)."""
+    config, mesh = stage.config, ctx.mesh
+    method = get_method(config)
+    method.setup(SetupContext(config, ctx.workdir, mesh, ctx.tokenizer, ctx.records))
+    hooks = method.data_hooks(ctx.tokenizer)  # read-only; shared by training and refresh data
+    data_iter = _train_iterator(ctx, hooks, config.seed)
+    if data_state is not None:
+        data_iter.set_state(data_state)
+    example = mesh_lib.global_batch(mesh, _peek(data_iter))
+    restore_step = ctx.ckpt.latest_step() if previous is None else None
+    if previous is not None:
+        state, shardings, tx, lr_fn, trainable = carry_over(
+            previous, stage, prior, method, mesh, example
+        )
+    elif restore_step:
+        abstract, shardings, tx, lr_fn, trainable = abstract_state(config, method, mesh, example)
+        _check_stage_meta(ctx, stage, restore_step)
+        state = ctx.ckpt.restore(abstract, data_iter)
+        console.say(f"resuming from step {int(state.step)} (stage '{stage.name}')")
+    else:
+        state, shardings, tx, lr_fn, trainable = create_state(config, method, mesh, example)
+    _write_parameter_table(ctx, stage, method, state.params)
+    step_jit = jit_step(method, tx, lr_fn, trainable, shardings, example, config.optim, stage.start)
+    compiled = step_jit.lower(_abstract(state, shardings), example).compile()
+    refresher = None
+    if config.train.refresh_batch_stats and state.model_state.get("batch_stats"):
+        refresh_step = jax.jit(
+            batch_stats.make_refresh_step(method),
+            in_shardings=(shardings, batch_shardings(mesh, example)),
+            out_shardings=shardings,
+            donate_argnums=(0,),
+        )
+        refresher = batch_stats.BatchStatsRefresher(
+            refresh_step,
+            lambda: _train_iterator(ctx, hooks, config.seed + 1),
+            config.train.refresh_batch_stats,
+            mesh,
+        )
+    run = StageRun(
+        stage=stage,
+        method=method,
+        data_iter=data_iter,
+        step_fn=compiled,
+        throughput=throughput.Throughput(throughput.step_flops(compiled), list(mesh.devices.flat)),
+        evaluator=evaluate.Evaluator(config, method, mesh, ctx.tokenizer),
+        refresher=refresher,
     )
+    return run, state
+
+
+def _prepare(config: ml_collections.ConfigDict, workdir: Path, announce: bool = True) -> RunContext:
+    """Stages, prerequisites (trained first when `announce`, i.e. for training), mesh, data,
+    metric writer and checkpointer of a run."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    plan = stages.resolve(config)
+    if announce:
+        for name in _needed_prerequisites(plan):
+            prerequisites.ensure(config, name)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    mesh_lib.check_batch_divides(mesh, config.data.batch_size, "data.batch_size")
+    mesh_lib.check_batch_divides(mesh, config.data.eval_batch_size, "data.eval_batch_size")
+    tokenizer = tokenize.load_tokenizer(config.data.tokenizer)
+    bad_records = BadRecordReport()
+    records = sources.load_records(config.data, "train", bad_records)
+    writer = MetricWriter(workdir)
+    ckpt = checkpointing.Checkpointer(
+        workdir / "checkpoints",
+        keep=config.train.keep_checkpoints,
+        best_metric=config.train.keep_best_metric,
+        best_mode=config.train.keep_best_mode,
+    )
+    if announce and ckpt.latest_step() is None:  # once per run, not again on every resume
+        writer.write(0, bad_records.metrics("data/train/"))
+    ctx = RunContext(config, workdir, mesh, tokenizer, records, ckpt, writer, plan, None)
+    if announce:
+        console.say(console.startup_summary(config, mesh, plan, len(records), workdir))
+    return ctx
+
+
+def _needed_prerequisites(plan: list[stages.Stage]) -> list[str]:
+    """The prerequisite runs some stage's `init` loads read ('run:<name>' sources)."""
+    names = {
+        spec.source[len(weights.RUN_PREFIX) :]
+        for s in plan
+        for spec in s.config.init.values()
+        if spec.source.startswith(weights.RUN_PREFIX)
+    }
+    return sorted(names)
 
 
 def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the last eval
     metrics."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    mesh = mesh_lib.make_mesh(config.mesh)
-    mesh_lib.check_batch_divides(mesh, config.data.batch_size, "data.batch_size")
-    mesh_lib.check_batch_divides(mesh, config.data.eval_batch_size, "data.eval_batch_size")
-    method = get_method(config)
-    tokenizer = tokenize.load_tokenizer(config.data.tokenizer)
-    bad_records = BadRecordReport()
-    records = sources.load_records(config.data, "train", bad_records)
-    method.setup(SetupContext(config, workdir, mesh, tokenizer, records))
-    hooks = method.data_hooks(tokenizer)  # read-only; shared by the training and refresh data
-
-    def make_train_iterator(seed: int):
-        return pipeline.train_iterator(
-            config.data,
-            records,
-            tokenizer,
-            seed=seed,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            hooks=hooks,
-        )
-
-    data_iter = make_train_iterator(config.seed)
-    writer = MetricWriter(workdir)
-    writer.write(0, bad_records.metrics("data/train/"))
-    ckpt = checkpointing.Checkpointer(
-        workdir / "checkpoints",
-        keep=config.train.keep_checkpoints,
-        best_metric=config.train.keep_best_metric,
-    )
-    evaluator = evaluate.Evaluator(config, method, mesh, tokenizer)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(ACTIVATION_RULES):
-        example = _peek(data_iter)
-        example = mesh_lib.global_batch(mesh, example)
-        state, shardings, tx, lr_fn, trainable = create_state(config, method, mesh, example)
-        _log_overview(state.params, trainable)
-        if ckpt.latest_step() is not None:
-            abstract = jax.tree.map(
-                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
-            )
-            state = ckpt.restore(abstract, data_iter)
-            logging.info("resumed from step %d (%s)", int(state.step), ckpt.latest_step())
-            print(f"resuming from step {int(state.step)}", flush=True)
-        step_fn = jax.jit(
-            make_step_fn(method, tx, lr_fn, trainable),
-            in_shardings=(shardings, batch_shardings(mesh, example)),
-            out_shardings=(shardings, replicated(mesh)),
-            donate_argnums=(0,),
-        )
-        refresher = None
-        if config.train.refresh_batch_stats and state.model_state.get("batch_stats"):
-            refresh_step = jax.jit(
-                batch_stats.make_refresh_step(method),
-                in_shardings=(shardings, batch_shardings(mesh, example)),
-                out_shardings=shardings,
-                donate_argnums=(0,),
-            )
-            refresher = batch_stats.BatchStatsRefresher(
-                refresh_step,
-                lambda: make_train_iterator(config.seed + 1),
-                config.train.refresh_batch_stats,
-                mesh,
-            )
-        metrics = _loop(config, state, step_fn, data_iter, mesh, ckpt, writer, evaluator, refresher)
-    ckpt.close()
-    writer.close()
-    return metrics
+    ctx = _prepare(config, Path(workdir))
+    ctx.stop = _StopFlag()
+    eval_metrics: dict = {}
+    try:
+        with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ACTIVATION_RULES):
+            eval_metrics = _run_stages(ctx)
+    finally:
+        ctx.stop.restore()
+        ctx.ckpt.close()
+        ctx.writer.close()
+    return eval_metrics
 
 
-def _loop(config, state, step_fn, data_iter, mesh, ckpt, writer, evaluator, refresher=None) -> dict:
-    """Steps from the state's step to `train.num_steps`; evaluates (after refreshing batch-norm
-    statistics when `refresher` is given) and checkpoints on schedule."""
-    train_cfg = config.train
-    num_steps = train_cfg.num_steps
+def _run_stages(ctx: RunContext) -> dict:
+    latest = ctx.ckpt.latest_step() or 0
+    first = stages.stage_of(ctx.plan, latest)
+    state, prior, data_state = None, None, None
+    eval_metrics: dict = {}
+    for stage in ctx.plan[first.index :]:
+        run_, state = _start_stage(ctx, stage, state, prior, data_state)
+        eval_metrics, stopped = _loop(ctx, run_, state)
+        state = run_.state
+        if stopped:
+            break
+        prior, data_state = stage.config, run_.data_iter.get_state()
+    return eval_metrics
+
+
+def _evaluate(
+    ctx: RunContext, run_: StageRun, state, step: int, write: bool = True
+) -> tuple[TrainState, dict]:
+    """Refreshes batch-norm statistics if configured, runs the evaluators, prints the table
+    and (when `write`) appends the metrics to metrics.jsonl."""
+    if run_.refresher is not None:
+        state = run_.refresher(state)
+    metrics = run_.evaluator.run(state)
+    if write:
+        ctx.writer.write(step, metrics)
+    console.say(console.metrics_table(f"evaluation at step {step}", metrics))
+    return state, metrics
+
+
+def _profile_window(config, step: int, first: int) -> str | None:
+    """'start' / 'stop' when `train.profile` traces around this step, else None."""
+    if not config.train.profile:
+        return None
+    if step == first + 2:  # after the compiling step and one warm step
+        return "start"
+    if step == first + 2 + PROFILE_STEPS:
+        return "stop"
+    return None
+
+
+def _loop(ctx: RunContext, run_: StageRun, state: TrainState) -> tuple[dict, bool]:
+    """Steps the stage from the state's step to its end; evaluates (after refreshing
+    batch-norm statistics when configured) and checkpoints on schedule. Sets `run_.state`;
+    returns (the last eval metrics, whether a stop signal ended it)."""
+    config, stage = run_.stage.config, run_.stage
+    train_cfg, total = config.train, stages.total_steps(ctx.plan)
+    is_last_stage = stage.index == len(ctx.plan) - 1
     first = int(state.step)
-    stop = _StopFlag()
     eval_metrics: dict = {}
     tick, tick_step = time.time(), first
+    stopped = False
+    profiling = False
+    for step in range(first + 1, stage.end + 1):
+        window = _profile_window(config, step, first)
+        if window == "start":
+            jax.profiler.start_trace(str(ctx.workdir / "profile"))
+            profiling = True
+        batch = mesh_lib.global_batch(ctx.mesh, next(run_.data_iter))
+        state, metrics = run_.step_fn(state, batch)
+        if window == "stop" or (profiling and step == stage.end):
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            profiling = False
+            console.say(f"profile of steps {first + 3}-{step} written to {ctx.workdir / 'profile'}")
+        if step % train_cfg.log_every == 0 or step == stage.end:
+            metrics = {f"train/{k}": v for k, v in jax.device_get(metrics).items()}
+            per_step = (time.time() - tick) / max(step - tick_step, 1)
+            metrics.update(run_.throughput.metrics(config.data.batch_size, per_step))
+            _check_finite(metrics, step)
+            ctx.writer.write(step, metrics)
+            console.say(console.step_line(step, total, metrics, per_step))
+            tick, tick_step = time.time(), step
+        last = step == stage.end
+        evaluated = step % train_cfg.eval_every == 0 or (last and is_last_stage)
+        if evaluated:
+            state, eval_metrics = _evaluate(ctx, run_, state, step)
+        stopped = ctx.stop.should_stop(step)
+        if step % train_cfg.checkpoint_every == 0 or last or stopped:
+            ctx.ckpt.save(state, run_.data_iter, eval_metrics if evaluated else None, stage.meta())
+        if stopped:
+            break
+    ctx.ckpt.wait()
+    if first == stage.end and is_last_stage:  # a finished run: evaluate, log nothing new
+        state, eval_metrics = _evaluate(ctx, run_, state, first, write=False)
+    run_.state = state
+    return eval_metrics, stopped
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: Path, step: int = -1) -> dict:
+    """`mode=eval`: evaluates the checkpoint of `workdir` at `step` (-1: the latest) with the
+    config of the stage that wrote it; prints the metrics, appends them to metrics.jsonl and
+    writes `eval_<step>.json`. Trains nothing."""
+    ctx = _prepare(config, Path(workdir), announce=False)
     try:
-        for step in range(first + 1, num_steps + 1):
-            batch = mesh_lib.global_batch(mesh, next(data_iter))
-            state, metrics = step_fn(state, batch)
-            if step % train_cfg.log_every == 0 or step == num_steps:
-                metrics = jax.device_get(metrics)
-                elapsed = time.time() - tick
-                per_step = elapsed / max(step - tick_step, 1)
-                metrics = {f"train/{k}": v for k, v in metrics.items()}
-                metrics["train/examples_per_s"] = config.data.batch_size / max(per_step, 1e-9)
-                writer.write(step, metrics)
-                print(
-                    f"step {step}/{num_steps} loss {float(metrics['train/loss']):.4f} "
-                    f"{metrics['train/examples_per_s']:.1f} ex/s "
-                    f"ETA {per_step * (num_steps - step):.0f}s",
-                    flush=True,
-                )
-                tick, tick_step = time.time(), step
-            last = step == num_steps
-            evaluated = step % train_cfg.eval_every == 0 or last
-            if evaluated:
-                if refresher is not None:
-                    state = refresher(state)
-                eval_metrics = evaluator.run(state)
-                writer.write(step, eval_metrics)
-            stopping = stop.should_stop(step)
-            if step % train_cfg.checkpoint_every == 0 or last or stopping:
-                ckpt.save(state, data_iter, eval_metrics if evaluated else None)
-            if stopping:
-                break
+        available = ctx.ckpt.all_steps()
+        step = ctx.ckpt.latest_step() if step == -1 else step
+        if step is None or step not in available:
+            raise FileNotFoundError(
+                f"mode=eval: no checkpoint at step {step} in {ctx.workdir / 'checkpoints'} "
+                f"(has {available}); set --config.eval_step to one of them"
+            )
+        stage = stages.stage_of(ctx.plan, step)
+        config = stage.config
+        with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ACTIVATION_RULES):
+            method = get_method(config)
+            method.setup(SetupContext(config, ctx.workdir, ctx.mesh, ctx.tokenizer, ctx.records))
+            data_iter = _train_iterator(ctx, method.data_hooks(ctx.tokenizer), config.seed)
+            example = mesh_lib.global_batch(ctx.mesh, _peek(data_iter))
+            abstract, *_ = abstract_state(config, method, ctx.mesh, example)
+            _check_stage_meta(ctx, stage, step)
+            state = ctx.ckpt.restore(abstract, data_iter, step=step)
+            console.say(f"evaluating the checkpoint at step {step} (stage '{stage.name}')")
+            metrics = evaluate.Evaluator(config, method, ctx.mesh, ctx.tokenizer).run(state)
+        ctx.writer.write(step, metrics)
+        if jax.process_index() == 0:
+            (ctx.workdir / f"eval_{step}.json").write_text(json.dumps(metrics, indent=2))
+        console.say(console.metrics_table(f"evaluation at step {step}", metrics))
+        return metrics
     finally:
-        stop.restore()
-        ckpt.wait()
-    if first == num_steps:
-        eval_metrics = evaluator.run(state)
-    return eval_metrics
+        ctx.ckpt.close()
+        ctx.writer.close()
+
+
+def _check_finite(metrics: dict, step: int) -> None:
+    loss = float(metrics["train/loss"])
+    if not np.isfinite(loss):
+        raise FloatingPointError(
+            f"the training loss is {loss} at step {step}; the last checkpoint is kept "
+            "(lower optim.lr, or check the data)"
+        )

@@ -14,11 +14,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from medvlp_jax import train
+from medvlp_jax import optim, prerequisites, train, weights
 from medvlp_jax.config import apply_overrides, load_config_file
 from medvlp_jax.data.tokenize import default_tokenizer_path
 from medvlp_jax.methods.base import get_method
-from medvlp_jax.methods.mcpl import backbone, downstream
+from medvlp_jax.methods.mcpl import downstream
 from medvlp_jax.methods.mcpl.model import McplModel
 from medvlp_jax.models.builders import build_image_tower, build_text_tower, tower_config
 from medvlp_jax.models.clip import CLIPModel
@@ -48,7 +48,7 @@ def tiny_run(tmp_path_factory):
         workdir=root / "run",
         metrics=metrics,
         stdout=stdout.getvalue(),
-        backbone=backbone.default_dir(config),
+        backbone=prerequisites.run_dir(config, "backbone"),
     )
 
 
@@ -74,7 +74,7 @@ def _batch(config, method, n=4) -> dict:
 
 
 def test_pretrains_backbone_then_tunes_prompts(tiny_run):
-    assert "no pre-trained CLIP backbone in the cache" in tiny_run.stdout
+    assert "prerequisite 'backbone' (clip) is not in the cache" in tiny_run.stdout
     assert (tiny_run.backbone / "checkpoints" / "2").is_dir()  # backbone.train.num_steps
     assert (tiny_run.workdir / "checkpoints" / "2").is_dir()
     assert {"eval/synthcxr/i2t_R@1", "eval/synthcxr/t2i_R@1"} <= set(tiny_run.metrics)
@@ -84,7 +84,8 @@ def test_pretrains_backbone_then_tunes_prompts(tiny_run):
     # a second method instance finds the cached backbone and trains nothing
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        backbone.ensure(tiny_run.config, backbone.describe(tiny_run.config))
+        folder = prerequisites.ensure(tiny_run.config, "backbone")
+    assert folder == tiny_run.backbone
     assert stdout.getvalue() == ""
 
 
@@ -186,11 +187,17 @@ def test_ablation_variants_of_the_benchmark():
         params = jax.eval_shape(method.init, jax.random.PRNGKey(0), _abstract_batch(config))
         params = params["params"]
         assert set(params) == VARIANT_PARAMS[name], name
-        trainable = method.trainable(params)
+        trainable = optim.trainable_mask(
+            optim.group_rules(config.optim, method.group_rules()), params
+        )
         assert not any(jax.tree.leaves(trainable["backbone"]))
         assert all(jax.tree.leaves({k: v for k, v in trainable.items() if k != "backbone"}))
         if name == "coop":  # text context at layer 0 only
-            assert params["text_prompts"].value.shape == (1, 2, config.backbone.model.text.width)
+            assert params["text_prompts"].value.shape == (
+                1,
+                2,
+                config.prerequisites.backbone.model.text.width,
+            )
     assert names == list(VARIANT_PARAMS)
 
 
@@ -231,7 +238,7 @@ def test_hugging_face_clip_folder_as_backbone(tmp_path):
 
     config = tiny_config(
         **{
-            "init.backbone": folder,
+            "init.backbone.source": folder,
             "data.tokenizer": default_tokenizer_path(),
             "model.prompt_depth": 0,
         }
@@ -240,7 +247,10 @@ def test_hugging_face_clip_folder_as_backbone(tmp_path):
     assert method.spec.kind == "hf_clip" and method.spec.text_pooling == "pooled"
     batch = {"image": images, "input_ids": ids, "attention_mask": mask}
     variables = random_variables(method.model, images, ids, mask)
-    variables = method.load_pretrained(variables)
+    loaded, _ = weights.loaded_leaves(
+        config.init, weights.flatten(variables), method, weights.run_resolver(config)
+    )
+    variables = weights.overwrite(variables, loaded)
     ref = jax.jit(clip.apply)(clip_vars, images, ids, mask)
     embed = jax.jit(lambda v, b: (method.embed_images(v, b), method.embed_texts(v, b)))
     z_image, z_text = embed(variables, batch)

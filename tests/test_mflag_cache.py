@@ -83,11 +83,11 @@ def test_cache_hit_miss_invalidation_and_lookup(tmp_path):
     extended.add_tokens(["pneumoxyz"])
     hit, by_tokenizer = setup(TEXTS, extended)
     assert not hit and by_tokenizer not in (first, other)
-    config.seed = 1  # the from-scratch LM's weights come from the seed
+    method.config.seed = 1  # the from-scratch LM's weights come from the (resolved) seed
     hit, by_weights = setup(TEXTS)
     assert not hit and by_weights not in (first, other, by_tokenizer)
     assert not np.allclose(method.lookup.lookup(TEXTS)[0], got)
-    config.seed = 0
+    method.config.seed = 0
     assert setup(TEXTS) == (True, first)
 
 

@@ -237,7 +237,7 @@ def test_scratch_preset_drops_the_orthogonality_and_slows_only_the_text_projecto
     np.testing.assert_allclose(loss, metrics["align_loss"], rtol=1e-6)
 
     params = {"image": {"conv": {"kernel": 0}}, **{k: inputs[k] for k in ("proj_v", "proj_t")}}
-    trainable = jax.tree.map(lambda _: True, params)
-    groups = optim.param_groups(scratch.optim, params, trainable)
-    assert set(jax.tree.leaves(groups["proj_t"])) == {"lr_x0.1"}
-    assert set(jax.tree.leaves({k: groups[k] for k in ("image", "proj_v")})) == {"lr_x1"}
+    groups = optim.param_groups(optim.group_rules(scratch.optim, ()), params)
+    assert {(g.frozen, g.lr, g.wd) for g in jax.tree.leaves(groups["proj_t"])} == {(False, 0.1, 1)}
+    others = jax.tree.leaves({k: groups[k] for k in ("image", "proj_v")})
+    assert set(others) == {optim.Group()}

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from tinyconfigs import NO_EVAL, ROOT, tiny_clip
 
 from medvlp_jax import checkpointing, train
 from medvlp_jax import config as config_lib
@@ -21,18 +22,6 @@ from medvlp_jax.data import pipeline, sources, tokenize
 from medvlp_jax.methods.base import SetupContext, get_method
 from medvlp_jax.parallel import mesh as mesh_lib
 from medvlp_jax.parallel.sharding import ACTIVATION_RULES
-
-ROOT = Path(__file__).resolve().parents[1]
-NO_EVAL = (
-    "evals.zero_shot.enabled=false",
-    "evals.retrieval.enabled=false",
-    "evals.linear_probe.enabled=false",
-)
-
-
-def tiny_clip(*overrides: str):
-    config = config_lib.load_config_file(str(ROOT / "configs/clip.py:tiny"))
-    return config_lib.apply_overrides(config, [*NO_EVAL, *overrides])
 
 
 def _params(workdir: Path) -> dict:
@@ -69,7 +58,7 @@ def _first_losses(config, devices, batches) -> list[float]:
         example = mesh_lib.global_batch(mesh, batches[0])
         state, shardings, tx, lr_fn, trainable = train.create_state(config, method, mesh, example)
         step = jax.jit(
-            train.make_step_fn(method, tx, lr_fn, trainable),
+            train.make_step_fn(method, tx, lr_fn, trainable, config.optim),
             in_shardings=(shardings, train.batch_shardings(mesh, example)),
         )
         losses = []
@@ -79,15 +68,20 @@ def _first_losses(config, devices, batches) -> list[float]:
     return losses
 
 
-def test_same_losses_on_one_and_eight_devices():
-    """1 device vs 8 devices as data=8, data=2 x fsdp=4, data=2 x fsdp=2 x tensor=2, and the
-    memory-light (shard_map) contrastive loss on data=2 x fsdp=4."""
+def one_device_reference() -> tuple:
+    """(tiny CLIP config without dropout, 3 training batches, their losses on 1 device)."""
     config = tiny_clip("mesh.data=1", "model.text.dropout_rate=0.0")
     records = sources.load_records(config.data, "train")
     tokenizer = tokenize.load_tokenizer(config.data.tokenizer)
     it = pipeline.train_iterator(config.data, records, tokenizer, seed=0)
     batches = [next(it) for _ in range(3)]
-    reference = _first_losses(config, jax.devices()[:1], batches)
+    return config, batches, _first_losses(config, jax.devices()[:1], batches)
+
+
+def test_same_losses_on_one_and_eight_devices():
+    """1 device vs 8 devices as data=8, data=2 x fsdp=4, data=2 x fsdp=2 x tensor=2, and the
+    memory-light (shard_map) contrastive loss on data=2 x fsdp=4."""
+    config, batches, reference = one_device_reference()
     meshes = [
         ("mesh.data=8",),
         ("mesh.data=2", "mesh.fsdp=4"),
@@ -136,7 +130,9 @@ def test_restore_on_a_different_mesh(tmp_path):
 
 
 def test_frozen_tower_is_bit_identical_and_has_no_optimizer_state(tmp_path):
-    config = tiny_clip("train.num_steps=3", "train.checkpoint_every=3", "optim.freeze=text/.*")
+    config = tiny_clip(
+        "train.num_steps=3", "train.checkpoint_every=3", "optim.groups=text/.* -> frozen"
+    )
     method = get_method(config)
     train.run(config, tmp_path)
     saved = _params(tmp_path)
@@ -173,7 +169,7 @@ def test_frozen_tower_is_bit_identical_and_has_no_optimizer_state(tmp_path):
 def test_init_checkpoint_with_other_structure_lists_keys(tmp_path):
     train.run(tiny_clip("train.num_steps=1", "train.checkpoint_every=1"), tmp_path / "a")
     other = tiny_clip(
-        "train.num_steps=1", "model.image.num_layers=3", f"init.checkpoint={tmp_path / 'a'}"
+        "train.num_steps=1", "model.image.num_layers=3", f"init.checkpoint.source={tmp_path / 'a'}"
     )
     with pytest.raises(checkpointing.CheckpointMismatchError, match="layer_2"):
         train.run(other, tmp_path / "b")

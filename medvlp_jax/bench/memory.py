@@ -6,7 +6,7 @@
 For each strategy (`config.mesh.strategy`: 'dp' = data 8, the replicated baseline; 'fsdp' =
 fsdp 8; 'fsdp_tp' = fsdp 4 x tensor 2) this builds the abstract, sharded train state
 (`train.abstract_state`: `jax.eval_shape`, nothing allocated), lowers and compiles the real
-train step (`train.make_step_fn`, state donated) on `--devices` simulated CPU devices, and
+train step (`train.jit_step`, state donated) on `--devices` simulated CPU devices, and
 reads XLA's `compiled.memory_analysis()` of the per-device program:
 
   argument_bytes  state + batch shard held by one device on entry
@@ -41,7 +41,7 @@ from medvlp_jax import config as config_lib
 from medvlp_jax import train
 from medvlp_jax.methods.base import SetupContext, get_method
 from medvlp_jax.parallel import mesh as mesh_lib
-from medvlp_jax.parallel.sharding import ACTIVATION_RULES, replicated
+from medvlp_jax.parallel.sharding import ACTIVATION_RULES
 
 DEFAULT_CONFIG = "configs/clip.py:base"
 STRATEGY_LABELS = {
@@ -143,12 +143,7 @@ def abstract_step(config, strategy: str, batch_size: int) -> AbstractStep:
     }
     with jax.set_mesh(mesh), nn.logical_axis_rules(ACTIVATION_RULES):
         state, shardings, tx, lr_fn, trainable = train.abstract_state(config, method, mesh, batch)
-    step_fn = jax.jit(
-        train.make_step_fn(method, tx, lr_fn, trainable),
-        in_shardings=(shardings, batch_shardings),
-        out_shardings=(shardings, replicated(mesh)),
-        donate_argnums=(0,),
-    )
+    step_fn = train.jit_step(method, tx, lr_fn, trainable, shardings, batch, config.optim)
     return AbstractStep(mesh, state, batch, step_fn)
 
 

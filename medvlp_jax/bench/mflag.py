@@ -37,6 +37,7 @@ def parameter_counts(config) -> dict:
     """Trainable / total counts for `config` and for the same model with a BERT-base LM."""
     import jax
 
+    from medvlp_jax import optim
     from medvlp_jax.methods.mflag import MFlag, count_params
     from medvlp_jax.models.builders import tower_config
     from medvlp_jax.parallel.sharding import strip_boxes
@@ -47,8 +48,8 @@ def parameter_counts(config) -> dict:
         shape = (2, size, size, cfg.model.image.channels)
         example = {"image": jax.ShapeDtypeStruct(shape, jax.numpy.float32)}
         params = strip_boxes(jax.eval_shape(method.init, jax.random.PRNGKey(0), example))["params"]
-        mask = {name: jax.tree.map(lambda _, n=name: n != "text", t) for name, t in params.items()}
-        return count_params(params, mask)
+        rules = optim.group_rules(cfg.optim, method.group_rules())
+        return count_params(params, optim.trainable_mask(rules, params))
 
     paper = config_lib.apply_overrides(config, [])
     paper.model.text = tower_config("bert", "base")
@@ -65,7 +66,7 @@ def main(argv: list[str]) -> None:
     from medvlp_jax.methods.base import SetupContext, get_method
     from medvlp_jax.methods.mflag import TEXT_FIELD
     from medvlp_jax.parallel import mesh as mesh_lib
-    from medvlp_jax.parallel.sharding import ACTIVATION_RULES, replicated
+    from medvlp_jax.parallel.sharding import ACTIVATION_RULES
 
     config = config_lib.apply_overrides(config_lib.load_config_file(args.config), args.set)
     mesh = mesh_lib.make_mesh(config.mesh)
@@ -89,12 +90,7 @@ def main(argv: list[str]) -> None:
         state, shardings, tx, lr_fn, trainable = train.create_state(config, method, mesh, cached[0])
         steps = {}
         for name, m, batch in (("cached", method, cached[0]), ("lm", lm_method, plain[0])):
-            steps[name] = jax.jit(
-                train.make_step_fn(m, tx, lr_fn, trainable),
-                in_shardings=(shardings, train.batch_shardings(mesh, batch)),
-                out_shardings=(shardings, replicated(mesh)),
-                donate_argnums=(0,),
-            )
+            steps[name] = train.jit_step(m, tx, lr_fn, trainable, shardings, batch, config.optim)
         batches = {"cached": cached, "lm": plain}
         times: dict[str, list[float]] = {"cached": [], "lm": []}
         for i in range(args.repeats + 1):  # the first round compiles

@@ -21,6 +21,9 @@ from medvlp_jax.data.synthcxr import ZERO_SHOT_CSV, ensure_synthcxr
 from medvlp_jax.data.transforms import UNCERTAIN_POLICIES
 
 SOURCES = ("synthcxr", "mimic", "roco", "manifest")
+# The class names `load_zero_shot_records`' labels index, for every source (a csv list's
+# labels must be among them): the five findings of the balanced 5x200 benchmark.
+ZERO_SHOT_CLASSES: tuple[str, ...] = FIVE_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +99,11 @@ def _from_csv(data_cfg, report: BadRecordReport) -> tuple[list[Record], list[str
         rows = list(csv.DictReader(f))
     if rows and "label" not in rows[0]:
         raise ValueError(f"zero-shot list {path}: needs a 'label' column")
-    bad = [r["label"] for r in rows if r["label"] not in FIVE_CLASSES]
+    bad = [r["label"] for r in rows if r["label"] not in ZERO_SHOT_CLASSES]
     if bad:
-        raise ValueError(f"zero-shot list {path}: labels {sorted(set(bad))} not in {FIVE_CLASSES}")
+        raise ValueError(
+            f"zero-shot list {path}: labels {sorted(set(bad))} not in {ZERO_SHOT_CLASSES}"
+        )
     if rows and "dicom_id" in rows[0]:
         if data_cfg.source not in ("synthcxr", "mimic"):
             raise ValueError(f"zero-shot list {path}: 'dicom_id' rows need a MIMIC-layout source")
@@ -159,7 +164,7 @@ def load_zero_shot_records(data_cfg, report: BadRecordReport | None = None):
     labels (`data.zero_shot_per_class` per class).
 
     Returns:
-      (records, classes) with classes int32 [N], indices into FIVE_CLASSES.
+      (records, classes) with classes int32 [N], indices into ZERO_SHOT_CLASSES.
     """
     _validate(data_cfg)
     report = BadRecordReport() if report is None else report
@@ -170,5 +175,5 @@ def load_zero_shot_records(data_cfg, report: BadRecordReport | None = None):
     else:
         test = _load(data_cfg, "test", report, require_text=False)
         records, names = balanced_five(test, data_cfg.zero_shot_per_class)
-    classes = np.array([FIVE_CLASSES.index(n) for n in names], np.int32)
+    classes = np.array([ZERO_SHOT_CLASSES.index(n) for n in names], np.int32)
     return records, classes

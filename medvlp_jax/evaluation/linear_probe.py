@@ -1,5 +1,6 @@
 """Linear-probe evaluation: a logistic-regression head on frozen features, trained on a seeded,
-stratified fraction of the training labels, scored on the test split.
+stratified fraction of the training labels, scored on the test split; and the `linear_probe`
+evaluator (the 14 CheXpert labels, macro AUROC).
 
 The head is fitted full-batch with L-BFGS (`optax.lbfgs`, zoom line search) on standardised
 features; all fractions share one compiled solver (the subset is a 0/1 weight over the full
@@ -18,6 +19,11 @@ import numpy as np
 import optax
 
 from medvlp_jax.evaluation.metrics import accuracy, macro_f1, multilabel_auroc
+
+PRED = {"image": "embed_image"}
+# fractions: label fractions of the training split; steps: L-BFGS iterations;
+# max_train_examples: the first N training records; l2_grid: chosen on the validate split.
+FIELDS = ("fractions", "steps", "max_train_examples", "l2_grid")
 
 
 def stratified_subset(
@@ -200,3 +206,28 @@ def linear_probe(
         )
         results[fraction] = {**res, "n_train": int(rows.sum()), "l2": chosen, "val": val_metric}
     return results
+
+
+def run(ctx, preds: dict, cfg) -> dict[str, float]:
+    """Macro AUROC of a probe on `preds['image']` features (`[B, D]`) per label fraction:
+    `{'linear_probe_auroc@<fraction>': ...}`."""
+    fns = {"image": preds["image"]}
+    train = ctx.predict_records(ctx.records("train")[: cfg.max_train_examples], fns)
+    val = ctx.predict_records(ctx.records("validate"), fns)
+    test = ctx.predict_records(ctx.records("test"), fns)
+    results = linear_probe(
+        train["image"],
+        train["labels"],
+        train["label_mask"],
+        test["image"],
+        test["labels"],
+        test["label_mask"],
+        fractions=tuple(cfg.fractions),
+        seed=ctx.seed,
+        steps=cfg.steps,
+        l2=tuple(cfg.l2_grid),
+        val=(val["image"], val["labels"], val["label_mask"]),
+    )
+    return {
+        f"linear_probe_auroc@{fraction:g}": result["auroc"] for fraction, result in results.items()
+    }

@@ -1,12 +1,21 @@
-"""Image-to-text and text-to-image retrieval Recall@K from embeddings."""
+"""Image-to-text and text-to-image retrieval Recall@K, and the `retrieval` evaluator.
+
+Scores come from embeddings (cosine of `embed_image` and `embed_text`), from a pair scorer
+(`pair_score`, e.g. a fusion encoder's image-text matching head, over every image-text pair),
+or from both: the embeddings pick each query's `rerank_k` best candidates and the pair scorer
+re-orders those (ALBEF / PTUnifier style).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from medvlp_jax.evaluation.metrics import l2_normalize
+
+PRED = {"image": "embed_image", "text": "embed_text", "pair": ""}
+FIELDS = ("max_examples", "rerank_k")
 
 
 def relevance_matrix(num_images: int, num_texts: int, gt: np.ndarray | None) -> np.ndarray:
@@ -42,31 +51,133 @@ def _recall_at(sim: np.ndarray, rel: np.ndarray, ks: Sequence[int]) -> dict[int,
     return {k: float(np.mean(rank < k)) for k in ks}
 
 
+def score_metrics(
+    i2t: np.ndarray,
+    img_to_txt_gt: np.ndarray | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+    t2i: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Recall@K both ways from score matrices (higher = better match).
+
+    Args:
+      i2t: `[N, M]` scores of every text for every image.
+      img_to_txt_gt: see `relevance_matrix` (default: text i belongs to image i).
+      ks: the K values.
+      t2i: `[M, N]` scores of every image for every text; default `i2t.T` (one symmetric
+        score; re-ranking gives each direction its own).
+    Returns:
+      `{'i2t_R@1': ..., 't2i_R@1': ..., ...}` as fractions in [0, 1] (not %). i2t: share of
+      images with at least one of their texts in the top K; t2i: share of texts whose image
+      (any relevant one) is in the top K.
+    """
+    i2t = np.asarray(i2t)
+    t2i = i2t.T if t2i is None else np.asarray(t2i)
+    if i2t.ndim != 2 or t2i.shape != i2t.shape[::-1]:
+        raise ValueError(f"i2t {i2t.shape} must be [N, M] and t2i {t2i.shape} [M, N]")
+    rel = relevance_matrix(i2t.shape[0], i2t.shape[1], img_to_txt_gt)
+    out = {}
+    for name, s, r in (("i2t", i2t, rel), ("t2i", t2i, rel.T)):
+        for k, value in _recall_at(s, r, ks).items():
+            out[f"{name}_R@{k}"] = value
+    return out
+
+
 def retrieval_metrics(
     img: np.ndarray,
     txt: np.ndarray,
     img_to_txt_gt: np.ndarray | None = None,
     ks: Sequence[int] = (1, 5, 10),
 ) -> dict[str, float]:
-    """Recall@K both ways by cosine similarity.
+    """Recall@K both ways by cosine similarity (`score_metrics` of the cosine matrix).
 
     Args:
       img: `[N, D]` image embeddings; txt: `[M, D]` text embeddings (normalised here).
-      img_to_txt_gt: see `relevance_matrix` (default: text i belongs to image i).
-      ks: the K values.
+      img_to_txt_gt, ks: as in `score_metrics`.
     Returns:
-      `{'i2t_R@1': ..., 't2i_R@1': ..., ...}` as fractions in [0, 1] (not %). i2t: share of
-      images with at least one of their texts in the top K; t2i: share of texts whose image
-      (any relevant one) is in the top K. The `[N, M]` similarity is built in float64 on the
-      host, which suits evaluation sets up to some 10^4 items per side.
+      As `score_metrics`. The `[N, M]` similarity is built in float64 on the host, which
+      suits evaluation sets up to some 10^4 items per side.
     """
     img, txt = np.asarray(img), np.asarray(txt)
     if img.ndim != 2 or txt.ndim != 2 or img.shape[1] != txt.shape[1]:
         raise ValueError(f"img {img.shape} and txt {txt.shape} must be [N, D] and [M, D]")
-    rel = relevance_matrix(img.shape[0], txt.shape[0], img_to_txt_gt)
-    sim = l2_normalize(img) @ l2_normalize(txt).T
-    out = {}
-    for name, s, r in (("i2t", sim, rel), ("t2i", sim.T, rel.T)):
-        for k, value in _recall_at(s, r, ks).items():
-            out[f"{name}_R@{k}"] = value
-    return out
+    return score_metrics(l2_normalize(img) @ l2_normalize(txt).T, img_to_txt_gt, ks)
+
+
+def rerank(
+    sim: np.ndarray, k: int, score_pairs: Callable[[np.ndarray], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Re-orders each query's top-`k` candidates by a pair scorer.
+
+    Args:
+      sim: `[N, M]` first-stage scores (e.g. cosine); must lie in [-1, 1].
+      k: candidates per query (image rows for i2t, text columns for t2i).
+      score_pairs: `pairs [P, 2]` int (image index, text index) -> `[P]` scores; called once,
+        on the union of both directions' candidates.
+    Returns:
+      `(i2t [N, M], t2i [M, N])` for `score_metrics`: a query's candidates rank above all its
+      other items, in pair-score order; the others keep their first-stage order.
+    """
+    sim = np.asarray(sim, np.float64)
+    n, m = sim.shape
+    rows = np.argsort(-sim, axis=1, kind="stable")[:, : min(k, m)]  # [N, k] texts per image
+    cols = np.argsort(-sim, axis=0, kind="stable")[: min(k, n)]  # [k, M] images per text
+    for_image = np.zeros((n, m), bool)
+    for_image[np.arange(n)[:, None], rows] = True
+    for_text = np.zeros((n, m), bool)
+    for_text[cols, np.arange(m)[None, :]] = True
+    pairs = np.argwhere(for_image | for_text)
+    pair = np.full((n, m), np.nan)
+    pair[pairs[:, 0], pairs[:, 1]] = np.asarray(score_pairs(pairs), np.float64)
+
+    def lift(candidates: np.ndarray) -> np.ndarray:
+        # candidates -> [2, inf) in pair-score order, above every first-stage score (<= 1)
+        return np.where(candidates, pair - np.nanmin(pair[candidates]) + 2.0, sim)
+
+    return lift(for_image), lift(for_text).T
+
+
+def same_text_relevance(texts: Sequence[str]) -> np.ndarray:
+    """`[N, N]` bool: image i and text j match when report j is identical to report i
+    (identical reports are equally correct answers: templated normal studies repeat)."""
+    first = {t: i for i, t in reversed(list(enumerate(texts)))}
+    groups = np.array([first[t] for t in texts])
+    return groups[:, None] == groups[None, :]
+
+
+def check(cfg) -> None:
+    """Roles: `image` + `text` (cosine retrieval), `pair` alone (every pair scored), or all
+    three with `rerank_k` > 0 (the pair scorer re-ranks the embeddings' top-k)."""
+    image, text, pair = (bool(cfg.pred.get(role)) for role in ("image", "text", "pair"))
+    if image != text:
+        raise ValueError("retrieval needs both pred.image and pred.text, or neither")
+    if not (image or pair):
+        raise ValueError("retrieval needs pred.image + pred.text, or pred.pair")
+    if bool(cfg.rerank_k) != (image and pair):
+        raise ValueError(
+            "rerank_k > 0 goes with pred.image + pred.text + pred.pair (re-ranking), "
+            f"rerank_k = 0 with one of them; got rerank_k={cfg.rerank_k} and pred={cfg.pred}"
+        )
+
+
+def run(ctx, preds: dict, cfg) -> dict[str, float]:
+    """Recall@{1,5,10} both ways over the first `cfg.max_examples` test records.
+
+    With `preds['pair']` alone, `max_examples`^2 pairs are scored (in eval batches), so keep
+    it small or re-rank (`rerank_k`) instead.
+    """
+    records = ctx.records("test")[: cfg.max_examples]
+    gt = same_text_relevance([r.text for r in records])
+
+    def score_pairs(pairs: np.ndarray) -> np.ndarray:
+        return ctx.predict_pairs(records, pairs, preds["pair"])
+
+    if "image" not in preds:
+        n = len(records)
+        every = np.stack(np.meshgrid(np.arange(n), np.arange(n), indexing="ij"), -1)
+        return score_metrics(score_pairs(every.reshape(-1, 2)).reshape(n, n), gt)
+    emb = ctx.predict_records(records, {"image": preds["image"], "text": preds["text"]})
+    if "pair" not in preds:
+        return retrieval_metrics(emb["image"], emb["text"], gt)
+    sim = l2_normalize(emb["image"]) @ l2_normalize(emb["text"]).T
+    i2t, t2i = rerank(sim, cfg.rerank_k, score_pairs)
+    return score_metrics(i2t, gt, t2i=t2i)

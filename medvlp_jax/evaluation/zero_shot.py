@@ -1,10 +1,18 @@
-"""Zero-shot classification from image embeddings and prompt (class text) embeddings."""
+"""Zero-shot classification from image embeddings and prompt (class text) embeddings, and
+the `zero_shot` evaluator."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from medvlp_jax.data.sources import ZERO_SHOT_CLASSES
 from medvlp_jax.evaluation.metrics import accuracy, l2_normalize, macro_f1
+
+PRED = {"image": "embed_image", "text": "embed_text"}
+# classes: names from the data's zero-shot list (() = all of ZERO_SHOT_CLASSES, in its order);
+# templates: prompt patterns, "{}" = the lower-cased class name; a class is the average of its
+# prompts' embeddings.
+FIELDS = ("classes", "templates")
 
 
 def class_embeddings(class_text_emb: np.ndarray) -> np.ndarray:
@@ -47,3 +55,29 @@ def zero_shot_classify(
         out["acc"] = accuracy(out["predictions"], labels)
         out["macro_f1"] = macro_f1(out["predictions"], labels, classes.shape[0])
     return out
+
+
+def check(cfg) -> None:
+    """Classes must be names of the data's zero-shot list; at least one template."""
+    unknown = [c for c in cfg.classes if c not in ZERO_SHOT_CLASSES]
+    if unknown:
+        raise ValueError(f"classes {unknown} are not zero-shot classes {ZERO_SHOT_CLASSES}")
+    if not cfg.templates:
+        raise ValueError("templates is empty")
+
+
+def run(ctx, preds: dict, cfg) -> dict[str, float]:
+    """Accuracy and macro-F1 on the data's zero-shot list, restricted to `cfg.classes` (the
+    images of other classes are left out)."""
+    classes = tuple(cfg.classes) or ZERO_SHOT_CLASSES
+    records, labels = ctx.zero_shot_records()
+    remap = np.full(len(ZERO_SHOT_CLASSES), -1)
+    remap[[ZERO_SHOT_CLASSES.index(c) for c in classes]] = np.arange(len(classes))
+    labels = remap[labels]
+    records = [r for r, label in zip(records, labels, strict=True) if label >= 0]
+    images = ctx.predict_records(records, {"image": preds["image"]})["image"]
+    prompts = [t.format(c.lower()) for c in classes for t in cfg.templates]
+    class_emb = ctx.predict_texts(prompts, preds["text"])
+    class_emb = class_emb.reshape(len(classes), len(cfg.templates), -1)
+    result = zero_shot_classify(images, class_emb, labels[labels >= 0])
+    return {"zero_shot_acc": result["acc"], "zero_shot_macro_f1": result["macro_f1"]}

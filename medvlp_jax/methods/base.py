@@ -6,13 +6,15 @@ The trainer never branches on a method's name: it calls these methods only.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
+
+from medvlp_jax import precision
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -53,13 +55,17 @@ class Method:
         """Returns the Flax variables (params and any mutable collections) for `batch`."""
         raise NotImplementedError
 
-    def load_pretrained(self, variables: dict) -> dict:
-        """Replaces freshly initialised weights with configured pre-trained ones (host side)."""
-        return variables
+    def importers(self) -> dict[str, Callable[[str], dict]]:
+        """The subtrees whose weights a foreign checkpoint (a Hugging Face folder, 'minilm', a
+        torchvision `.safetensors`) may provide: '/'-joined params path -> `source -> that
+        subtree's variables` ({'params'[, 'batch_stats']}, host arrays). `config.init` loads
+        name one as `into` (see `medvlp_jax.weights`). Default: none."""
+        return {}
 
-    def trainable(self, params) -> Any:
-        """Bool tree like `params`; False = frozen (no gradient use, no optimizer state)."""
-        return jax.tree.map(lambda _: True, params)
+    def group_rules(self) -> tuple[str, ...]:
+        """Parameter-group rows that define the method ("REGEX -> frozen", "REGEX -> lr=F"; see
+        `medvlp_jax.optim`), placed before `config.optim.groups`. Default: none."""
+        return ()
 
     def loss(
         self, variables: dict, batch: Batch, rng: jax.Array, train: bool
@@ -75,10 +81,33 @@ class Method:
         """`[B, D]` text embeddings (batch has input_ids, attention_mask) for the evaluators."""
         raise NotImplementedError
 
+    def predict_fns(self) -> dict[str, Callable[[dict, Batch], jax.Array]]:
+        """The named `(variables, batch) -> array` functions evaluators may use
+        (`config.evals.<name>.pred`; see `medvlp_jax.evaluation`). Names and shapes:
+
+        - `embed_image`: `[B, D]` image embeddings (batch: `image`).
+        - `embed_text`: `[B, D]` text embeddings (batch: `input_ids`, `attention_mask`, hook
+          fields).
+        - `pair_score`: `[B]` match score of row i's image with row i's text, higher = better
+          (fusion models: image-text matching; the batch has both sides of each pair).
+        - `feature_map`: `[B, N, D]` image features (N regions/patches).
+
+        Default: `embed_image` / `embed_text` for the `embed_images` / `embed_texts` this
+        method implements. Methods with more override this and extend the dict.
+        """
+        own = {"embed_image": "embed_images", "embed_text": "embed_texts"}
+        return {
+            name: getattr(self, attr)
+            for name, attr in own.items()
+            if getattr(type(self), attr) is not getattr(Method, attr)
+        }
+
 
 def get_method(config: ml_collections.ConfigDict) -> Method:
-    """Instantiates the method named by `config.method`."""
+    """Instantiates the method named by `config.method` on `precision.resolve(config)` (tower
+    dtypes made concrete from `train.compute_dtype`); `config` itself is not modified."""
     if config.method not in REGISTRY:
         raise ValueError(f"config.method={config.method!r}; known methods: {sorted(REGISTRY)}")
     module_name, _, class_name = REGISTRY[config.method].partition(":")
-    return getattr(importlib.import_module(module_name), class_name)(config)
+    method_cls = getattr(importlib.import_module(module_name), class_name)
+    return method_cls(precision.resolve(config))

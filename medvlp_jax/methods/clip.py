@@ -2,15 +2,17 @@
 
 Config (`config.model`): `image`, `text` (tower configs), `embed_dim`, `text_pooling`,
 `loss` ('clip' | 'siglip'), `learn_temperature`, `temperature` (used when fixed),
-`memory_light` (shard_map loss that never builds the full [B, B] logits on one device),
-`image_init`, `text_init` (pre-trained weights; see `models.pretrained`).
+`memory_light` (shard_map loss that never builds the full [B, B] logits on one device).
+Pre-trained towers come through `config.init` loads into 'image' / 'text' (`importers`).
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
+from medvlp_jax import precision
 from medvlp_jax.losses.contrastive import (
     CLIP_LOG_SCALE_INIT,
     SIGLIP_BIAS_INIT,
@@ -28,8 +30,8 @@ from medvlp_jax.models.two_tower import TwoTower
 LOSSES = ("clip", "siglip")
 
 
-def build_two_tower(model_cfg: ml_collections.ConfigDict) -> TwoTower:
-    """The TwoTower module described by `config.model`."""
+def build_two_tower(model_cfg: ml_collections.ConfigDict, dtype=jnp.float32) -> TwoTower:
+    """The TwoTower module described by `config.model`, its projections computing in `dtype`."""
     if model_cfg.loss not in LOSSES:
         raise ValueError(f"config.model.loss={model_cfg.loss!r}; expected one of {LOSSES}")
     siglip = model_cfg.loss == "siglip"
@@ -40,6 +42,7 @@ def build_two_tower(model_cfg: ml_collections.ConfigDict) -> TwoTower:
         text_pooling=model_cfg.text_pooling,
         log_scale_init=SIGLIP_LOG_SCALE_INIT if siglip else CLIP_LOG_SCALE_INIT,
         with_bias=siglip,
+        dtype=dtype,
     )
 
 
@@ -48,7 +51,7 @@ class Clip(Method):
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
-        self.model = build_two_tower(config.model)
+        self.model = build_two_tower(config.model, precision.compute_dtype(config))
         self.mesh = None
 
     def setup(self, ctx: SetupContext) -> None:
@@ -60,15 +63,14 @@ class Clip(Method):
             rngs, batch["image"], batch["input_ids"], batch["attention_mask"], train=False
         )
 
-    def load_pretrained(self, variables: dict) -> dict:
-        return pretrained.load_towers(variables, self.config.model)
+    def importers(self):
+        return pretrained.two_tower_importers(self.config.model)
 
-    def trainable(self, params):
-        learn = self.config.model.learn_temperature
-        return {
-            name: jax.tree.map(lambda _, n=name: learn or n not in ("log_scale", "bias"), tree)
-            for name, tree in params.items()
-        }
+    def group_rules(self) -> tuple[str, ...]:
+        # A fixed temperature (and SigLIP bias): the top-level scalars stay at their init.
+        if self.config.model.learn_temperature:
+            return ()
+        return ("log_scale -> frozen", "bias -> frozen")
 
     def _scale(self, extras) -> jax.Array:
         m = self.config.model

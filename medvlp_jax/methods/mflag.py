@@ -9,6 +9,8 @@ final-layer [CLS] state), the loss is `L = L_align(p, q) + L_orth(Z)` in float32
 `C = Z^T Z / B` (see `losses.orthogonality`), with `B` the global batch (default) or each
 batch shard's own rows (`orth_batch='per_device'`, the released code's per-GPU behaviour).
 Both projectors are Linear -> BN -> ReLU -> Linear -> BN(no scale, no bias), BN in train mode.
+With `train.compute_dtype=bfloat16` the towers and projectors compute in bf16 (`precision`);
+Z, p, q and t_cls come out float32.
 
 Frozen-embedding cache (beyond the original): without dropout in the frozen LM
 (`text_dropout_in_frozen_lm=False`, default) `t_cls` of every training report is computed
@@ -19,7 +21,8 @@ example as `text_cls` [D_text], so the train step never runs the LM. With
 Evaluation always runs the LM (class prompts and test reports are not cached).
 
 Config (`config.model`): `image`, `text` (tower configs; text must be 'bert' or 'roberta'),
-`image_init`, `text_init` (see `models.pretrained`; e.g. 'minilm' or a CXR-BERT folder),
+pre-trained towers through `config.init` loads into 'image' / 'text' (`importers`; e.g.
+'minilm' or a CXR-BERT folder for the LM),
 `proj_hidden` (2048), `proj_dim` (1024), `orth_normalize` (False), `orth_lambda_offdiag`
 (0.0051), `orth_weight` (1.0, the paper's plain sum; 0 ablates L_orth), `orth_batch`
 ('global' | 'per_device'), `text_dropout_in_frozen_lm` (False),
@@ -38,10 +41,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 from jax.sharding import PartitionSpec
 
-from medvlp_jax import checkpointing, embedding_cache
+from medvlp_jax import embedding_cache, precision, weights
 from medvlp_jax.data.config import resolve_cache_dir
 from medvlp_jax.losses.alignment import mflag_alignment_loss
 from medvlp_jax.losses.common import l2_normalize
@@ -50,13 +52,14 @@ from medvlp_jax.methods.base import Method, SetupContext
 from medvlp_jax.models import pretrained
 from medvlp_jax.models.builders import build_image_tower, build_text_tower
 from medvlp_jax.models.heads import MLPHead
+from medvlp_jax.models.layers import Dtype
 from medvlp_jax.parallel.mesh import BATCH_AXES
 from medvlp_jax.parallel.sharding import ACTIVATION_RULES, strip_boxes, variable_shardings
 
 ORTH_BATCH = ("global", "per_device")
 TEXT_TOWERS = ("bert", "roberta")
 TEXT_FIELD = "text_cls"
-# The frozen LM's random init (used when `text_init` is '') is drawn from
+# The frozen LM's random init (used when no `config.init` load writes it) is drawn from
 # fold_in(PRNGKey(config.seed), TEXT_INIT_SALT), independent of the trainer's init key.
 TEXT_INIT_SALT = 0x7E57
 
@@ -68,35 +71,40 @@ class MFlagModel(nn.Module):
       image_cfg: image tower config, frozen for hashing: M-FLAG's `tower_config('resnet50')`;
         any image tower of `builders` works (its `pooled` output is Z).
       proj_hidden, proj_dim: projector widths (M-FLAG: 2048 -> 1024).
+      dtype: the projectors' compute dtype (`precision.compute_dtype`; params float32).
     """
 
     image_cfg: ml_collections.FrozenConfigDict
     proj_hidden: int = 2048
     proj_dim: int = 1024
+    dtype: Dtype = jnp.float32
 
     def setup(self):
         self.image = build_image_tower(ml_collections.ConfigDict(self.image_cfg))
         widths = (self.proj_hidden, self.proj_dim)
-        self.proj_v = MLPHead(widths, final_norm="bn_no_affine")
-        self.proj_t = MLPHead(widths, final_norm="bn_no_affine")
+        self.proj_v = MLPHead(widths, final_norm="bn_no_affine", dtype=self.dtype)
+        self.proj_t = MLPHead(widths, final_norm="bn_no_affine", dtype=self.dtype)
 
     def image_features(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-        """images [B, H, W, C] -> Z [B, D_img] (ResNet-50: global average pool, post-ReLU)."""
-        return self.image(images, train=train)["pooled"]
+        """images [B, H, W, C] -> Z [B, D_img] float32 (ResNet-50: global average pool,
+        post-ReLU)."""
+        return self.image(images, train=train)["pooled"].astype(jnp.float32)
 
     def project(
         self, z: jax.Array, text_cls: jax.Array, *, train: bool = False
     ) -> tuple[jax.Array, jax.Array]:
-        """Z [B, D_img], t_cls [B, D_text] -> (proj_v(Z), proj_t(t_cls)), both [B, proj_dim]."""
-        return self.proj_v(z, train=train), self.proj_t(text_cls, train=train)
+        """Z [B, D_img], t_cls [B, D_text] -> (proj_v(Z), proj_t(t_cls)), both [B, proj_dim]
+        float32."""
+        p, q = self.proj_v(z, train=train), self.proj_t(text_cls, train=train)
+        return p.astype(jnp.float32), q.astype(jnp.float32)
 
     def embed_images(self, images: jax.Array) -> jax.Array:
-        """images [B, H, W, C] -> proj_v(Z) [B, proj_dim] (running BN statistics)."""
-        return self.proj_v(self.image_features(images))
+        """images [B, H, W, C] -> proj_v(Z) [B, proj_dim] float32 (running BN statistics)."""
+        return self.proj_v(self.image_features(images)).astype(jnp.float32)
 
     def embed_text_features(self, text_cls: jax.Array) -> jax.Array:
-        """t_cls [B, D_text] -> proj_t(t_cls) [B, proj_dim] (running BN statistics)."""
-        return self.proj_t(text_cls)
+        """t_cls [B, D_text] -> proj_t(t_cls) [B, proj_dim] float32 (running BN statistics)."""
+        return self.proj_t(text_cls).astype(jnp.float32)
 
     def __call__(self, images: jax.Array, text_cls: jax.Array, *, train: bool = False):
         """Creates every parameter: -> (Z, proj_v(Z), proj_t(t_cls))."""
@@ -139,7 +147,12 @@ class MFlag(Method):
                 f"config.model.text.name={m.text.name!r}: M-FLAG's language model is a "
                 f"BERT-family encoder, one of {TEXT_TOWERS}"
             )
-        self.model = MFlagModel(ml_collections.FrozenConfigDict(m.image), m.proj_hidden, m.proj_dim)
+        self.model = MFlagModel(
+            ml_collections.FrozenConfigDict(m.image),
+            m.proj_hidden,
+            m.proj_dim,
+            precision.compute_dtype(config),
+        )
         self.text_tower = build_text_tower(m.text)
         # Compiled once per instance, for every cache build.
         self._jit_text_cls = jax.jit(self.text_cls)
@@ -172,27 +185,26 @@ class MFlag(Method):
         return jax.lax.stop_gradient(out["tokens"][:, 0].astype(jnp.float32))
 
     def _frozen_text_params(self) -> dict:
-        """The LM params the trainer will hold: `init.checkpoint`'s if set, else `text_init`'s
-        (as `load_pretrained` loads them), else the seeded random init."""
+        """The LM params the trainer will hold: the seeded random init with the `text/` leaves
+        of every `config.init` load applied, as the trainer applies them."""
         m = self.config.model
-        if self.config.init.checkpoint:
-            example = {
-                "image": jnp.zeros(
-                    (1, self.config.data.image_size, self.config.data.image_size, m.image.channels)
-                ),
-                "input_ids": jnp.zeros((1, self.config.data.max_text_len), jnp.int32),
-            }
-            abstract = strip_boxes(jax.eval_shape(self.init, jax.random.PRNGKey(0), example))
-            return checkpointing.load_params(self.config.init.checkpoint, abstract["params"])[
-                "text"
-            ]
-        if m.text_init:
-            text_only = ml_collections.ConfigDict(
-                {"text": m.text, "text_init": m.text_init, "image_init": ""}
-            )
-            return pretrained.load_towers({"params": {}}, text_only)["params"]["text"]
         with _fast_init_rng():
-            return jax.device_get(self._jit_init_text(self._text_key()))["params"]
+            params = jax.device_get(self._jit_init_text(self._text_key()))["params"]
+        size = self.config.data.image_size
+        example = {
+            "image": jnp.zeros((1, size, size, m.image.channels)),
+            "input_ids": jnp.zeros((1, self.config.data.max_text_len), jnp.int32),
+        }
+        abstract = strip_boxes(jax.eval_shape(self.init, jax.random.PRNGKey(0), example))
+        loaded, _ = weights.loaded_leaves(
+            self.config.init, weights.flatten(abstract), self, weights.run_resolver(self.config)
+        )
+        text = {
+            path.removeprefix("text/"): value
+            for path, value in loaded.get("params", {}).items()
+            if path.startswith("text/")
+        }
+        return weights.overwrite({"params": params}, {"params": text})["params"]
 
     def _cache_root(self) -> Path:
         m = self.config.model
@@ -252,23 +264,11 @@ class MFlag(Method):
             text = self._init_text(self._text_key())
         return {**variables, "params": {**variables["params"], "text": text["params"]}}
 
-    def load_pretrained(self, variables: dict) -> dict:
-        return pretrained.load_towers(variables, self.config.model)
+    def importers(self):
+        return pretrained.two_tower_importers(self.config.model)
 
-    def trainable(self, params):
-        mask = {
-            name: jax.tree.map(lambda _, n=name: n != "text", tree) for name, tree in params.items()
-        }
-        counts = count_params(params, mask)
-        logging.info(
-            "M-FLAG: %d trainable of %d parameters; the frozen language model holds %d, i.e. "
-            "%.1f%% fewer trainable parameters than a dual encoder training both towers",
-            counts["trainable"],
-            counts["total"],
-            counts["frozen"],
-            counts["fewer_trainable_than_dual_encoder_pct"],
-        )
-        return mask
+    def group_rules(self) -> tuple[str, ...]:
+        return ("text/.* -> frozen",)
 
     def _orthogonality(self, z: jax.Array) -> jax.Array:
         m = self.config.model

@@ -93,7 +93,8 @@ def attend(
 ) -> jax.Array:
     """softmax(q k^T / sqrt(K)) v over q [B, T, H, K], k/v [B, S, H, K] -> [B, T, H, K].
 
-    `mask` is bool, broadcastable to [B, H, T, S] (True = attend). Uses
+    `mask` is bool, broadcastable to [B, H, T, S] (True = attend). The products run in the
+    inputs' dtype; softmax runs in float32 and its probabilities are cast back. Uses
     `jax.nn.dot_product_attention` (fused kernels on GPU) unless attention-probability dropout
     is active, which needs the explicit probabilities.
     """

@@ -7,6 +7,10 @@ Unknown fields are an error naming the field and the valid ones.
 Image towers: 'vit' (layout 'clip' | 'hf'), 'resnet50'. Text towers: 'bert', 'roberta',
 'clip_text'. Sizes: 'tiny' (tests), 'small', 'base'; plus 'minilm' for 'bert'
 (all-MiniLM-L6-v2's shape).
+
+Dtypes: `param_dtype` 'float32' (default) or 'bfloat16'; `dtype` (compute) '' (`FOLLOW`, the
+default: follow the run's `train.compute_dtype`, see `medvlp_jax.precision`; float32 when a
+tower is built from an unresolved config), 'float32' or 'bfloat16' (explicit: kept).
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ from medvlp_jax.models.vit import VisionTransformer
 
 IMAGE_TOWERS = ("vit", "resnet50")
 TEXT_TOWERS = ("bert", "roberta", "clip_text")
+TOWER_NAMES = IMAGE_TOWERS + TEXT_TOWERS
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# A tower `dtype` of FOLLOW computes in `train.compute_dtype` (`precision.resolve`).
+FOLLOW = ""
 
 # Fields every transformer tower has.
 _TRANSFORMER = dict(
@@ -37,7 +44,7 @@ _TRANSFORMER = dict(
     remat=False,
     scan=False,
     fused_qkv=False,
-    dtype="float32",
+    dtype=FOLLOW,
     param_dtype="float32",
 )
 _DEFAULTS: dict[str, dict] = {
@@ -52,7 +59,7 @@ _DEFAULTS: dict[str, dict] = {
         stem="patch",
         activation="quick_gelu",
     ),
-    "resnet50": dict(channels=3, dtype="float32", param_dtype="float32"),
+    "resnet50": dict(channels=3, dtype=FOLLOW, param_dtype="float32"),
     "bert": dict(
         _TRANSFORMER,
         vocab_size=30522,
@@ -123,8 +130,13 @@ def _fields(cfg: ml_collections.ConfigDict, allowed: tuple[str, ...]) -> dict:
 
 
 def _dtype(f: dict, key: str):
+    """The jnp dtype of field `key` ('dtype' or 'param_dtype'); an unresolved FOLLOW compute
+    dtype is float32."""
+    if key == "dtype" and f[key] == FOLLOW:
+        return jnp.float32
     if f[key] not in DTYPES:
-        raise ValueError(f"{key} {f[key]!r} is not one of {sorted(DTYPES)}")
+        follow = " or '' (follow train.compute_dtype)" if key == "dtype" else ""
+        raise ValueError(f"{key} {f[key]!r} is not one of {sorted(DTYPES)}{follow}")
     return DTYPES[f[key]]
 
 

@@ -1,16 +1,16 @@
-"""Put pre-trained tower weights into a freshly initialised two-tower variables dict.
+"""Importers of pre-trained tower weights from foreign checkpoints (`medvlp_jax.weights`).
 
-`text_init` / `image_init` values: '' (keep the random init), 'minilm' (text only: the packaged
-all-MiniLM-L6-v2), a Hugging Face folder (BERT, RoBERTa, ViT, CLIP), or for a ResNet-50 image
-tower a torchvision state dict saved as `.safetensors`.
+Sources: 'minilm' (text only: the packaged all-MiniLM-L6-v2), a Hugging Face folder (BERT,
+RoBERTa, ViT, CLIP), or for a ResNet-50 image tower a torchvision state dict saved as
+`.safetensors`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import ml_collections
-from absl import logging
 
 from medvlp_jax.models.builders import build_image_tower, build_text_tower
 from medvlp_jax.models.convert import (
@@ -30,22 +30,15 @@ def _tower_variables(tower, source: str) -> dict:
     return load_hf_params(source, tower)
 
 
-def _replace(variables: dict, name: str, loaded: dict) -> dict:
-    out = {collection: dict(tree) for collection, tree in variables.items()}
-    for collection, tree in loaded.items():
-        out.setdefault(collection, {})[name] = tree
-    return out
+def tower_importer(tower) -> Callable[[str], dict]:
+    """`source -> variables` of `tower` (a module you built) from a foreign checkpoint."""
+    return lambda source: _tower_variables(tower, source)
 
 
-def load_towers(variables: dict, model_cfg: ml_collections.ConfigDict) -> dict:
-    """Returns `variables` with `params/image` and `params/text` (and the image tower's
-    `batch_stats`) replaced by `model_cfg.image_init` / `model_cfg.text_init` weights."""
-    if model_cfg.image_init:
-        tower = build_image_tower(model_cfg.image)
-        variables = _replace(variables, "image", _tower_variables(tower, model_cfg.image_init))
-        logging.info("image tower initialised from %s", model_cfg.image_init)
-    if model_cfg.text_init:
-        tower = build_text_tower(model_cfg.text)
-        variables = _replace(variables, "text", _tower_variables(tower, model_cfg.text_init))
-        logging.info("text tower initialised from %s", model_cfg.text_init)
-    return variables
+def two_tower_importers(model_cfg: ml_collections.ConfigDict, prefix: str = "") -> dict:
+    """Importers (see `Method.importers`) of the `image` and `text` towers that
+    `model_cfg.image` / `model_cfg.text` describe, at `<prefix>image` / `<prefix>text`."""
+    return {
+        f"{prefix}image": tower_importer(build_image_tower(model_cfg.image)),
+        f"{prefix}text": tower_importer(build_text_tower(model_cfg.text)),
+    }

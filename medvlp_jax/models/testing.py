@@ -9,6 +9,7 @@ compile time that dominates tests of tiny models.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import flax.linen as nn
@@ -41,7 +42,11 @@ def random_variables(module: nn.Module, *args, seed: int = 0, std: float = 0.02,
 
 @contextlib.contextmanager
 def fast_compile() -> Iterator[None]:
-    """While active, jit compiles with most XLA optimisations off (tiny-model tests)."""
+    """While active, jit compiles with most XLA optimisations off (tiny-model tests); a no-op
+    under `MEDVLP_TEST_XLA_DEFAULT=1` (tests/test_optimised_path.py: XLA's defaults)."""
+    if os.environ.get("MEDVLP_TEST_XLA_DEFAULT", "") == "1":
+        yield
+        return
     previous = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", True)
     try:

@@ -5,6 +5,8 @@ Used by the CLIP/ConVIRT baseline and as the frozen backbone of MCPL. Towers com
 
 Params: `image` (tower), `text` (tower), `image_proj`, `text_proj` (Dense -> embed_dim),
 `log_scale` [] (log of the logit scale, big_vision style), `bias` [] (SigLIP only).
+The towers compute in their configs' dtypes, the projections in `dtype`; embeddings come out
+float32 (they feed losses), and `log_scale` / `bias` are float32.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import ml_collections
 
 from medvlp_jax.models.builders import build_image_tower, build_text_tower
 from medvlp_jax.models.heads import masked_mean
-from medvlp_jax.models.layers import dense, partitioned
+from medvlp_jax.models.layers import Dtype, dense, partitioned
 
 TEXT_POOLING = ("mean", "first", "pooled")
 
@@ -45,6 +47,7 @@ class TwoTower(nn.Module):
       text_pooling: see `pool_text`.
       log_scale_init: initial log logit scale (log(1/0.07) for CLIP, log(10) for SigLIP).
       with_bias: add SigLIP's learnable logit bias (init `bias_init`).
+      dtype: compute dtype of the projections (`precision.compute_dtype`; params float32).
     """
 
     image_cfg: ml_collections.FrozenConfigDict
@@ -54,12 +57,14 @@ class TwoTower(nn.Module):
     log_scale_init: float = 2.6592600369644043  # log(1 / 0.07)
     with_bias: bool = False
     bias_init: float = -10.0
+    dtype: Dtype = jnp.float32
 
     def setup(self):
         self.image = build_image_tower(ml_collections.ConfigDict(self.image_cfg))
         self.text = build_text_tower(ml_collections.ConfigDict(self.text_cfg))
-        self.image_proj = dense(self.embed_dim, ("embed", "proj"), use_bias=False)
-        self.text_proj = dense(self.embed_dim, ("embed", "proj"), use_bias=False)
+        proj = dict(use_bias=False, dtype=self.dtype)
+        self.image_proj = dense(self.embed_dim, ("embed", "proj"), **proj)
+        self.text_proj = dense(self.embed_dim, ("embed", "proj"), **proj)
         self.log_scale = self.param(
             "log_scale", partitioned(nn.initializers.constant(self.log_scale_init)), (), jnp.float32
         )
@@ -79,15 +84,17 @@ class TwoTower(nn.Module):
         return self.text(input_ids, attention_mask, train=train, **kw)
 
     def embed_images(self, images: jax.Array, *, train: bool = False, **kw) -> jax.Array:
-        """images `[B, H, W, C]` -> `[B, E]` (not normalised)."""
-        return self.image_proj(self.image_features(images, train=train, **kw)["pooled"])
+        """images `[B, H, W, C]` -> `[B, E]` float32 (not normalised)."""
+        pooled = self.image_features(images, train=train, **kw)["pooled"]
+        return self.image_proj(pooled).astype(jnp.float32)
 
     def embed_texts(
         self, input_ids: jax.Array, attention_mask: jax.Array, *, train: bool = False, **kw
     ) -> jax.Array:
-        """input_ids, attention_mask `[B, T]` -> `[B, E]` (not normalised)."""
+        """input_ids, attention_mask `[B, T]` -> `[B, E]` float32 (not normalised)."""
         out = self.text_features(input_ids, attention_mask, train=train, **kw)
-        return self.text_proj(pool_text(out, attention_mask, self.text_pooling))
+        pooled = pool_text(out, attention_mask, self.text_pooling)
+        return self.text_proj(pooled).astype(jnp.float32)
 
     def __call__(
         self, images: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, *, train=False

@@ -1,36 +1,33 @@
-"""Where MCPL's frozen CLIP-style backbone comes from (`config.init.backbone`).
+"""Where MCPL's frozen CLIP-style backbone comes from (`config.init.backbone.source`).
 
-- '' (default): the SynthCXR CLIP baseline that `config.backbone` describes (a full
-  configs/clip.py run config). Its run lives in `<cache>/backbones/clip-<hash>` (`default_dir`:
-  the hash covers what decides the weights); when that run has not finished,
-  `ensure` trains it there first with `train.run(config.backbone, folder)`, the very code path
-  of a user running configs/clip.py (an interrupted pre-training resumes).
+- 'run:backbone' (default): the SynthCXR CLIP baseline that `config.prerequisites.backbone`
+  describes (a full configs/clip.py run config). The trainer trains it into the cache before
+  MCPL starts (`medvlp_jax.prerequisites`: the code path of `main`, so an interrupted
+  pre-training resumes) and the load reads its latest checkpoint into `params/backbone`.
 - A Hugging Face CLIP folder (`config.json` with model_type 'clip' + `model.safetensors`, e.g.
   openai/clip-vit-base-patch16): CLIP ViT + causal text towers built from its config, weights
-  through `models.convert.load_hf_params`; the towers carry CLIP's own projections, so the
-  two-tower projections are identities and text pooling is the EOT token ('pooled').
+  through `models.convert.load_hf_params` (`importer`); the towers carry CLIP's own
+  projections, so the two-tower projections are identities and text pooling is the EOT token
+  ('pooled').
 - A medvlp_jax work directory of a CLIP run (`config.json` with "method": "clip" and
   `checkpoints/`): towers from its config, weights from its latest checkpoint.
+- '': the architecture of `config.prerequisites.backbone`, randomly initialised (tests).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
-import jax
 import ml_collections
 import numpy as np
 
-from medvlp_jax import checkpointing
 from medvlp_jax import config as config_lib
-from medvlp_jax.data.config import resolve_cache_dir
+from medvlp_jax import prerequisites
 from medvlp_jax.models.builders import build_image_tower, build_text_tower, tower_config
 from medvlp_jax.models.convert import hf
-
-_DATA_LOCATION = ("cache_dir", "num_workers", "prefetch")  # where data lives, how it loads
+from medvlp_jax.weights import RUN_PREFIX
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,31 +62,12 @@ def _from_run_config(run_cfg: ml_collections.ConfigDict, path: Path) -> Backbone
     )
 
 
-def default_dir(config: ml_collections.ConfigDict) -> Path:
-    """`<cache>/backbones/clip-<hash>`: sha1 over what decides the pre-trained weights in
-    `config.backbone` (method, seed, model, optim, train.num_steps and data, less where the
-    data lives and how it is loaded); evaluation, logging and checkpoint settings do not count.
-    """
-    run = config.backbone.to_dict()
-    key = {
-        **{name: run[name] for name in ("method", "seed", "model", "optim")},
-        "num_steps": run["train"]["num_steps"],
-        "data": {
-            k: v
-            for k, v in run["data"].items()
-            if k not in ("cache_dir", "num_workers", "prefetch")
-        },
-    }
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
-    return resolve_cache_dir(config.data.cache_dir) / "backbones" / f"clip-{digest[:12]}"
-
-
 def _hf_clip(folder: Path, data_cfg) -> BackboneSpec:
     cfg = hf.read_config(folder)
     if cfg["model_type"] != "clip":
         raise ValueError(
-            f"--config.init.backbone={folder}: a CLIPModel folder is needed (model_type 'clip'), "
-            f"found {cfg['model_type']!r}"
+            f"--config.init.backbone.source={folder}: a CLIPModel folder is needed "
+            f"(model_type 'clip'), found {cfg['model_type']!r}"
         )
     clip = hf.module_from_config(cfg, {"visual_projection.weight", "text_projection.weight"})
     vision, text = clip.vision, clip.text
@@ -133,71 +111,48 @@ def _hf_clip(folder: Path, data_cfg) -> BackboneSpec:
 
 def describe(config: ml_collections.ConfigDict) -> BackboneSpec:
     """The backbone of `config` (reads only small config files; trains nothing)."""
-    source = config.init.backbone
-    if not source:
-        return _from_run_config(config.backbone, default_dir(config))
+    source = config.init.backbone.source
+    if not source or source.startswith(RUN_PREFIX):
+        # '' loads nothing (a random backbone) with the architecture of the default one.
+        name = source[len(RUN_PREFIX) :] or "backbone"
+        run_cfg = prerequisites.run_config(config, name)
+        return _from_run_config(run_cfg, prerequisites.run_dir(config, name))
     folder = Path(source).expanduser()
     meta = folder / "config.json"
     if not meta.is_file():
         raise FileNotFoundError(
-            f"--config.init.backbone={source}: expected a Hugging Face CLIP folder or a "
-            "medvlp_jax CLIP work directory, with a config.json"
+            f"--config.init.backbone.source={source}: expected 'run:<prerequisite>', a Hugging "
+            "Face CLIP folder or a medvlp_jax CLIP work directory, with a config.json"
         )
     if "model_type" in json.loads(meta.read_text()):
         if not config.data.tokenizer:
             raise ValueError(
-                f"--config.init.backbone={source} is a Hugging Face CLIP model: set "
+                f"--config.init.backbone.source={source} is a Hugging Face CLIP model: set "
                 f"--config.data.tokenizer={source} too (its tokenizer, not the MiniLM default)"
             )
         return _hf_clip(folder, config.data)
     run_cfg = config_lib.from_json(meta.read_text())
     if run_cfg.get("method") != "clip":
         raise ValueError(
-            f"--config.init.backbone={source}: a CLIP run is needed, found method "
+            f"--config.init.backbone.source={source}: a CLIP run is needed, found method "
             f"{run_cfg.get('method')!r}"
         )
     return _from_run_config(run_cfg, folder)
 
 
-def _finished(config: ml_collections.ConfigDict, spec: BackboneSpec) -> bool:
-    """Whether the default backbone's run has its final checkpoint."""
-    return (spec.path / "checkpoints" / str(config.backbone.train.num_steps)).is_dir()
-
-
-def ensure(config: ml_collections.ConfigDict, spec: BackboneSpec) -> None:
-    """Pre-trains the default backbone into its cache folder unless that run has finished
-    (reached `config.backbone.train.num_steps`); an interrupted run resumes."""
-    if config.init.backbone or _finished(config, spec):
-        return
-    from medvlp_jax import train  # the trainer imports the methods' registry
-
-    run_cfg = ml_collections.ConfigDict(config.backbone.to_dict())
-    run_cfg.data.cache_dir = config.data.cache_dir
-    print(
-        f"MCPL: no pre-trained CLIP backbone in the cache ({spec.path}); pre-training it first "
-        "with the CLIP baseline (config.backbone, as configs/clip.py), then tuning prompts",
-        flush=True,
-    )
-    spec.path.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (spec.path / "config.json").write_text(config_lib.to_json(run_cfg))
-    train.run(run_cfg, spec.path)
-    if not _finished(config, spec):
-        raise RuntimeError(
-            f"MCPL: the backbone pre-training in {spec.path} stopped before step "
-            f"{run_cfg.train.num_steps}; run again to resume it"
+def import_hf_clip(spec: BackboneSpec, folder: str) -> dict:
+    """Backbone (`TwoTower`) params from a Hugging Face CLIP folder: its towers, identity
+    projections (the towers carry CLIP's own) and its logit scale; host arrays."""
+    if spec.kind != "hf_clip" or Path(folder) != spec.path:
+        raise ValueError(
+            f"the MCPL backbone was described from {spec.path}, not the CLIP folder {folder}"
         )
-    print(f"MCPL: backbone ready in {spec.path}", flush=True)
-
-
-def load(spec: BackboneSpec, variables: dict) -> dict:
-    """Backbone (`TwoTower`) variables ({'params'[, 'batch_stats']}) with the pre-trained
-    weights, and running statistics of batch-norm towers, of `spec` (host arrays)."""
-    if spec.kind == "checkpoint":
-        return checkpointing.load_variables(str(spec.path), variables)
-    loaded = dict(variables["params"])
-    loaded["image"] = hf.load_hf_params(spec.path, build_image_tower(spec.image))["params"]
-    loaded["text"] = hf.load_hf_params(spec.path, build_text_tower(spec.text))["params"]
+    params = {
+        "image": hf.load_hf_params(folder, build_image_tower(spec.image))["params"],
+        "text": hf.load_hf_params(folder, build_text_tower(spec.text))["params"],
+    }
     for name in ("image_proj", "text_proj"):
-        loaded[name] = {"kernel": np.eye(spec.embed_dim, dtype=np.float32)}
-    return {**variables, "params": loaded}
+        params[name] = {"kernel": np.eye(spec.embed_dim, dtype=np.float32)}
+    tensors, _ = hf.read_tensors(folder)
+    params["log_scale"] = np.asarray(tensors["logit_scale"], np.float32).reshape(())
+    return {"params": params}

@@ -29,8 +29,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from medvlp_jax import checkpointing
 from medvlp_jax import config as config_lib
+from medvlp_jax import weights
 from medvlp_jax.data import pipeline, sources, tokenize
 from medvlp_jax.data.records import CHEXPERT_CLASSES
 from medvlp_jax.evaluate import Evaluator
@@ -61,7 +61,12 @@ def load_variables(method, workdir: Path, example: dict, mesh=None) -> dict:
     `example` is a batch (arrays or `ShapeDtypeStruct`s) fixing the input shapes. Host arrays,
     or placed on `mesh` with the trainer's shardings."""
     boxed = jax.eval_shape(method.init, jax.random.PRNGKey(0), example)
-    variables = checkpointing.load_variables(str(workdir), strip_boxes(boxed))
+    abstract = {k: v for k, v in strip_boxes(boxed).items() if k in weights.COLLECTIONS}
+    whole_run = ml_collections.ConfigDict({"run": weights.load_spec(str(workdir))})
+    loaded, _ = weights.loaded_leaves(
+        whole_run, weights.flatten(abstract), method, weights.run_resolver(method.config)
+    )
+    variables = weights.overwrite(abstract, loaded)
     if mesh is None:
         return variables
     shardings = variable_shardings(boxed, mesh)

@@ -14,24 +14,25 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from medvlp_jax.models.layers import dense, layer_norm
+from medvlp_jax.models.layers import Dtype, dense, layer_norm
 
 
 class KeywordPredictor(nn.Module):
-    """features [B, D] -> keyword logits [B, V]: LN -> [Dense(hidden) -> GELU] -> Dense(V).
-
-    Params: norm, [hidden], out.
+    """features [B, D] -> keyword logits [B, V] float32: LN -> [Dense(hidden) -> GELU] ->
+    Dense(V), computing in `dtype` (LN statistics in float32). Params: norm, [hidden], out.
     """
 
     num_keywords: int
     hidden: int = 256
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, features: jax.Array) -> jax.Array:
-        x = layer_norm(1e-5, name="norm")(features.astype(jnp.float32))
+        kw = dict(dtype=self.dtype)
+        x = layer_norm(1e-5, name="norm", **kw)(features.astype(jnp.float32))
         if self.hidden:
-            x = jax.nn.gelu(dense(self.hidden, ("embed", "mlp"), name="hidden")(x))
-        return dense(self.num_keywords, ("mlp", None), name="out")(x)
+            x = jax.nn.gelu(dense(self.hidden, ("embed", "mlp"), name="hidden", **kw)(x))
+        return dense(self.num_keywords, ("mlp", None), name="out", **kw)(x).astype(jnp.float32)
 
 
 def keyword_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict]:

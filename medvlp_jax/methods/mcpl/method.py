@@ -17,13 +17,15 @@ report leaks into zero-shot, retrieval or probe features.
 
 from __future__ import annotations
 
-import jax
+import dataclasses
+
 import ml_collections
 
+from medvlp_jax import precision
 from medvlp_jax.data import tokenize
 from medvlp_jax.losses.contrastive import clip_loss
 from medvlp_jax.losses.prompts import relation_consistency_loss
-from medvlp_jax.methods.base import Method, SetupContext
+from medvlp_jax.methods.base import Method
 from medvlp_jax.methods.mcpl import backbone
 from medvlp_jax.methods.mcpl.keyword_predictor import keyword_loss
 from medvlp_jax.methods.mcpl.keywords import ApTokenizer, KeywordHook, load_vocab
@@ -64,7 +66,13 @@ class Mcpl(Method):
             )
         self.options = PromptOptions.from_config(m)
         self.vocab = load_vocab(m.ap_vocab) if self.options.uses_ap else None
-        self.spec = backbone.describe(config)
+        # The backbone's towers compute in train.compute_dtype unless their configs set a dtype.
+        spec = backbone.describe(config)
+        self.spec = dataclasses.replace(
+            spec,
+            image=precision.resolve_tower(spec.image, config),
+            text=precision.resolve_tower(spec.text, config),
+        )
         tokenizer = tokenize.load_tokenizer(config.data.tokenizer)
         self.model = McplModel(
             self.spec.image,
@@ -73,15 +81,13 @@ class Mcpl(Method):
             self.spec.text_pooling,
             self.options,
             self._ap_tokens(tokenizer),
+            precision.compute_dtype(config),
         )
 
     def _ap_tokens(self, tokenizer) -> ApTokenizer | None:
         if self.vocab is None:
             return None
         return ApTokenizer.create(tokenizer, self.vocab, self.config.model.ap_max_len)
-
-    def setup(self, ctx: SetupContext) -> None:
-        backbone.ensure(self.config, self.spec)
 
     def data_hooks(self, tokenizer) -> tuple:
         if self.vocab is None:
@@ -98,21 +104,12 @@ class Mcpl(Method):
             batch.get("ap_mask"),
         )
 
-    def load_pretrained(self, variables: dict) -> dict:
-        # The backbone's subtree of every collection: params, and the running statistics of
-        # batch-norm towers (the frozen backbone runs in eval mode).
-        ours = {name: tree["backbone"] for name, tree in variables.items() if "backbone" in tree}
-        loaded = backbone.load(self.spec, ours)
-        return {
-            name: {**tree, "backbone": loaded[name]} if name in loaded else tree
-            for name, tree in variables.items()
-        }
+    def importers(self):
+        # A Hugging Face CLIP folder as the whole backbone (see `backbone`).
+        return {"backbone": lambda source: backbone.import_hf_clip(self.spec, source)}
 
-    def trainable(self, params):
-        return {
-            name: jax.tree.map(lambda _, n=name: n != "backbone", tree)
-            for name, tree in params.items()
-        }
+    def group_rules(self) -> tuple[str, ...]:
+        return ("backbone/.* -> frozen",)
 
     def loss(self, variables, batch, rng, train):
         m = self.config.model

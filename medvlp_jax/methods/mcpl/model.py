@@ -47,7 +47,7 @@ from medvlp_jax.methods.mcpl.keyword_predictor import KeywordPredictor
 from medvlp_jax.methods.mcpl.keywords import ApTokenizer
 from medvlp_jax.methods.mcpl.prompts import Gpcm, PromptUpdate, RelationHead
 from medvlp_jax.models.heads import masked_mean
-from medvlp_jax.models.layers import dense, partitioned
+from medvlp_jax.models.layers import Dtype, dense, partitioned
 from medvlp_jax.models.transformer import LayerPrompts
 from medvlp_jax.models.two_tower import TwoTower
 
@@ -112,6 +112,9 @@ class McplModel(nn.Module):
       image_cfg, text_cfg, embed_dim, text_pooling: the backbone (as `TwoTower`).
       options: the prompt design.
       ap_tokens: the AP vocabulary's token table (needed when the AP prompt is on).
+      dtype: compute dtype of the prompt modules and the backbone's projections (the towers
+        follow their configs; params stay float32; embeddings, relations and keyword logits
+        come out float32).
     """
 
     image_cfg: ml_collections.FrozenConfigDict
@@ -120,10 +123,13 @@ class McplModel(nn.Module):
     text_pooling: str
     options: PromptOptions
     ap_tokens: ApTokenizer | None = None
+    dtype: Dtype = jnp.float32
 
     def setup(self):
         o = self.options
-        self.backbone = TwoTower(self.image_cfg, self.text_cfg, self.embed_dim, self.text_pooling)
+        self.backbone = TwoTower(
+            self.image_cfg, self.text_cfg, self.embed_dim, self.text_pooling, dtype=self.dtype
+        )
         if not o.prompt_depth:
             return
         if o.uses_ap and self.ap_tokens is None:
@@ -144,27 +150,32 @@ class McplModel(nn.Module):
         )
         if gpcm:
             self.image_prompts = self.param("image_prompts", prompt_init, (depth, n, joint))
-            self.gpcm = _layer_dict(Gpcm, deep)
+            self.gpcm = _layer_dict(Gpcm, deep, dtype=self.dtype)
         elif o.image_prompts:
-            self.coupling = {str(c): dense(dv, ("embed", None)) for c in range(depth)}
+            self.coupling = {
+                str(c): dense(dv, ("embed", None), dtype=self.dtype) for c in range(depth)
+            }
         if o.uses_ap:
             self.ap_shared = self.param(
                 "ap_shared",
                 partitioned(nn.initializers.normal(0.02), "layers", "embed"),
                 (depth, joint),
             )
-            self.text_update = _layer_dict(PromptUpdate, deep)
+            self.text_update = _layer_dict(PromptUpdate, deep, dtype=self.dtype)
         if o.image_ap:
-            self.image_update = _layer_dict(PromptUpdate, deep)
-            self.text_relation = _layer_dict(RelationHead, deep, dim=o.relation_dim)
-            self.image_relation = _layer_dict(RelationHead, deep, dim=o.relation_dim)
-            self.ap_to_image = dense(dv, ("embed", None))
+            self.image_update = _layer_dict(PromptUpdate, deep, dtype=self.dtype)
+            relation = dict(dim=o.relation_dim, dtype=self.dtype)
+            self.text_relation = _layer_dict(RelationHead, deep, **relation)
+            self.image_relation = _layer_dict(RelationHead, deep, **relation)
+            self.ap_to_image = dense(dv, ("embed", None), dtype=self.dtype)
             self.ap_posemb = self.param(
                 "ap_posemb",
                 partitioned(nn.initializers.normal(0.01), "position", "embed"),
                 (self.ap_tokens.length, dv),
             )
-            self.keywords = KeywordPredictor(len(self.ap_tokens.word_ids), o.keyword_hidden)
+            self.keywords = KeywordPredictor(
+                len(self.ap_tokens.word_ids), o.keyword_hidden, dtype=self.dtype
+            )
 
     # ------------------------------------------------------------------ prompt pieces
 
@@ -205,7 +216,8 @@ class McplModel(nn.Module):
             self.backbone.text_features(ids, mask, prompt_fn=record)
         else:
             x = self.ap_to_image(self.backbone.text.embed_tokens(ids))
-            self.backbone.image.encoder(x + self.ap_posemb[:length], mask, prompt_fn=record)
+            posemb = self.ap_posemb[:length].astype(x.dtype)
+            self.backbone.image.encoder(x + posemb, mask, prompt_fn=record)
         return states
 
     def _prompt_fn(self, side: str, base: list, ap_states, ap_mask, relations: list):

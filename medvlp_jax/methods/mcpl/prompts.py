@@ -1,7 +1,9 @@
 """MCPL's small prompt modules: GPCM prompt production, per-layer prompt update, relation head.
 
 Notation: n prompt tokens per modality (2), D the width of the module's input, B batch.
-Every attention here is single-head, and all projections are `Dense` with bias.
+Every attention here is single-head, and all projections are `Dense` with bias. `dtype` is
+the compute dtype of the projections and attention products (params float32); the layer norm
+statistics and the softmax run in float32.
 
 - `Gpcm` (graph-guided prompt collaboration), per deep layer c, on the 2n joint prompt nodes
   `X = [Pt_c ; Pi_c]` `[2n, D]`:
@@ -26,15 +28,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medvlp_jax.models.layers import dense, layer_norm
+from medvlp_jax.models.layers import Dtype, dense, layer_norm
 
 
 def _softmax_attention(q: jax.Array, k: jax.Array, mask: jax.Array | None, scale: float):
-    """softmax(q k^T * scale) over the last axis with key mask [B, S] (1 = keep)."""
-    logits = jnp.einsum("...qd,...kd->...qk", q, k) * scale
+    """softmax(q k^T * scale) over the last axis with key mask [B, S] (1 = keep); the product
+    runs in q's dtype, the softmax in float32, and the weights come back in q's dtype."""
+    logits = jnp.einsum("...qd,...kd->...qk", q, k).astype(jnp.float32) * scale
     if mask is not None:
         logits = jnp.where(mask[..., None, :] > 0, logits, jnp.finfo(logits.dtype).min)
-    return jax.nn.softmax(logits, axis=-1)
+    return jax.nn.softmax(logits, axis=-1).astype(q.dtype)
 
 
 class Gpcm(nn.Module):
@@ -43,13 +46,15 @@ class Gpcm(nn.Module):
     `__call__(nodes [2n, D]) -> (Y [2n, D], A [2n, 2n])`. Params: norm, query, key, value.
     """
 
+    dtype: Dtype = jnp.float32
+
     @nn.compact
     def __call__(self, nodes: jax.Array) -> tuple[jax.Array, jax.Array]:
-        d = nodes.shape[-1]
-        h = layer_norm(1e-5, name="norm")(nodes)
-        q = dense(max(d // 4, 1), ("embed", "kv"), name="query")(h)
-        k = dense(max(d // 4, 1), ("embed", "kv"), name="key")(h)
-        v = dense(d, ("embed", None), name="value")(h)
+        d, kw = nodes.shape[-1], dict(dtype=self.dtype)
+        h = layer_norm(1e-5, name="norm", **kw)(nodes)
+        q = dense(max(d // 4, 1), ("embed", "kv"), name="query", **kw)(h)
+        k = dense(max(d // 4, 1), ("embed", "kv"), name="key", **kw)(h)
+        v = dense(d, ("embed", None), name="value", **kw)(h)
         adjacency = _softmax_attention(q, k, None, d**-0.5)
         return adjacency @ v, adjacency
 
@@ -57,13 +62,15 @@ class Gpcm(nn.Module):
 class PromptUpdate(nn.Module):
     """Z = attention(P over F) + P (module docstring). Params: query, key, value."""
 
+    dtype: Dtype = jnp.float32
+
     @nn.compact
     def __call__(self, prompts: jax.Array, context: jax.Array, mask: jax.Array) -> jax.Array:
         """prompts [B, n, D], context [B, S, D], mask [B, S] (1 = keep) -> [B, n, D]."""
-        d = prompts.shape[-1]
-        q = dense(d, ("embed", None), name="query")(prompts)
-        k = dense(d, ("embed", None), name="key")(context)
-        v = dense(d, ("embed", None), name="value")(context)
+        d, kw = prompts.shape[-1], dict(dtype=self.dtype)
+        q = dense(d, ("embed", None), name="query", **kw)(prompts)
+        k = dense(d, ("embed", None), name="key", **kw)(context)
+        v = dense(d, ("embed", None), name="value", **kw)(context)
         return _softmax_attention(q, k, mask, d**-0.5) @ v + prompts
 
 
@@ -71,11 +78,12 @@ class RelationHead(nn.Module):
     """R = sigmoid(q'(Z) k'(K)^T) * mask (module docstring). Params: query, key."""
 
     dim: int
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, prompts: jax.Array, keywords: jax.Array, mask: jax.Array) -> jax.Array:
         """prompts [B, n, D], keywords [B, S, D], mask [B, S] -> relations [B, n, S] float32."""
-        q = dense(self.dim, ("embed", "kv"), name="query")(prompts)
-        k = dense(self.dim, ("embed", "kv"), name="key")(keywords)
+        q = dense(self.dim, ("embed", "kv"), name="query", dtype=self.dtype)(prompts)
+        k = dense(self.dim, ("embed", "kv"), name="key", dtype=self.dtype)(keywords)
         r = jax.nn.sigmoid(jnp.einsum("bnd,bsd->bns", q, k).astype(jnp.float32))
         return r * mask[:, None, :].astype(jnp.float32)
