@@ -49,7 +49,8 @@ from medvlp_jax.parallel.sharding import (
 )
 from medvlp_jax.state import TrainState
 
-PROFILE_STEPS = 3  # steps traced by `train.profile`, after the first (compiling) step
+PROFILE_STEPS = 3  # steps traced by `train.profile`, after the compiling step and a warm one
+STAGE_HEADER = "# stage "  # parameters.txt: one section per stage
 
 
 def _peek(iterator) -> dict:
@@ -326,14 +327,15 @@ def _train_iterator(ctx: RunContext, hooks, seed: int):
 
 
 def _write_parameter_table(ctx: RunContext, stage, method, params) -> None:
+    """Writes the stage's group table to WORKDIR/parameters.txt (after the tables of the
+    stages before it; a resumed stage replaces its own) and prints its totals."""
     rules = optim.group_rules(stage.config.optim, method.group_rules())
-    table = optim.group_table(rules, params)
     path = ctx.workdir / "parameters.txt"
-    header = f"# stage {stage.index + 1}/{len(ctx.plan)} '{stage.name}'\n"
     if jax.process_index() == 0:
-        mode = "w" if stage.index == 0 or not path.exists() else "a"
-        with path.open(mode) as f:
-            f.write(header + table)
+        earlier = path.read_text().split(STAGE_HEADER)[1:] if path.exists() else []
+        header = f"{stage.index + 1}/{len(ctx.plan)} '{stage.name}'\n"
+        sections = [*earlier[: stage.index], header + optim.group_table(rules, params)]
+        path.write_text("".join(STAGE_HEADER + section for section in sections))
     sizes = [int(np.prod(p.shape)) for p in jax.tree.leaves(params)]
     flags = jax.tree.leaves(optim.trainable_mask(rules, params))
     total = sum(sizes)
@@ -488,12 +490,13 @@ def _evaluate(
 
 
 def _profile_window(config, step: int, first: int) -> str | None:
-    """'start' / 'stop' when `train.profile` traces around this step, else None."""
+    """'start' before / 'stop' after the steps `train.profile` traces (PROFILE_STEPS of them,
+    after the compiling step and one warm step), else None."""
     if not config.train.profile:
         return None
-    if step == first + 2:  # after the compiling step and one warm step
+    if step == first + 2:
         return "start"
-    if step == first + 2 + PROFILE_STEPS:
+    if step == first + 1 + PROFILE_STEPS:
         return "stop"
     return None
 
@@ -521,7 +524,7 @@ def _loop(ctx: RunContext, run_: StageRun, state: TrainState) -> tuple[dict, boo
             jax.block_until_ready(state)
             jax.profiler.stop_trace()
             profiling = False
-            console.say(f"profile of steps {first + 3}-{step} written to {ctx.workdir / 'profile'}")
+            console.say(f"profile of steps {first + 2}-{step} written to {ctx.workdir / 'profile'}")
         if step % train_cfg.log_every == 0 or step == stage.end:
             metrics = {f"train/{k}": v for k, v in jax.device_get(metrics).items()}
             per_step = (time.time() - tick) / max(step - tick_step, 1)
@@ -540,8 +543,10 @@ def _loop(ctx: RunContext, run_: StageRun, state: TrainState) -> tuple[dict, boo
         if stopped:
             break
     ctx.ckpt.wait()
-    if first == stage.end and is_last_stage:  # a finished run: evaluate, log nothing new
-        state, eval_metrics = _evaluate(ctx, run_, state, first, write=False)
+    if first == stage.end and is_last_stage:
+        # Nothing to train: a finished run (evaluate, log nothing new), or a 0-step one.
+        fresh = ctx.ckpt.latest_step() is None
+        state, eval_metrics = _evaluate(ctx, run_, state, first, write=fresh)
     run_.state = state
     return eval_metrics, stopped
 

@@ -2,8 +2,6 @@
 
 import json
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -13,12 +11,9 @@ from medvlp_jax.models import (
     CheckpointError,
     build_image_tower,
     build_text_tower,
-    default_text_tower_path,
     export_hf,
-    load_default_text_tower,
     load_hf,
     load_hf_params,
-    sentence_embedding,
     tower_config,
 )
 from medvlp_jax.models.testing import fast_compile, random_variables
@@ -97,33 +92,3 @@ def test_task_model_prefix_and_head_tensors(bert_folder):
     )
     module, _variables = load_hf(bert_folder)
     assert isinstance(module, BertEncoder) and module.pooler
-
-
-def test_minilm_sentence_embedding_matches_pytorch():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    path = default_text_tower_path()
-    module, variables = load_default_text_tower()
-    t = module.transformer
-    assert (t.width, t.num_layers, module.vocab_size) == (384, 6, 30522)
-
-    tok = transformers.AutoTokenizer.from_pretrained(path)
-    texts = [
-        "No acute cardiopulmonary process.",
-        "Small left pleural effusion with basilar atelectasis.",
-    ]
-    batch = tok(texts, padding=True, return_tensors="np")
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    assert ids[0, 0] == tok.cls_token_id and mask[0].sum() < mask.shape[1]  # padded row
-    ours = jax.jit(module.apply)(variables, jnp.asarray(ids), jnp.asarray(mask))
-    emb = sentence_embedding(ours["tokens"], jnp.asarray(mask))
-
-    ref_model = transformers.BertModel.from_pretrained(path).eval()
-    with torch.no_grad():
-        hidden = ref_model(
-            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)
-        ).last_hidden_state
-    m = torch.tensor(mask)[..., None].float()
-    ref = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
-    np.testing.assert_allclose(np.asarray(emb), ref.numpy(), atol=1e-5)
-    assert float(np.abs(np.asarray(emb[0]) @ np.asarray(emb[1]))) < 0.99  # distinct sentences

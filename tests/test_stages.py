@@ -105,6 +105,12 @@ def test_stopped_at_the_boundary_and_mid_stage_resumes_exactly(tmp_path, monkeyp
     assert ckpt.read_meta(8) == {"stage": "b", "stage_index": 1, "stage_start": 4}
     ckpt.close()
 
+    # One group table per stage, however often the run resumed.
+    table = (resumed / "parameters.txt").read_text()
+    assert table.count("# stage ") == 2
+    assert table.index("# stage 1/2 'a'") < table.index("# stage 2/2 'b'")
+    assert "text/.* -> frozen" in table and "image/.* -> frozen" in table
+
     final = _saved(resumed, 8)
     _assert_equal_trees(_saved(straight, 8), final)
     # Stage 'b' adds SigLIP's bias; stage 'a' had none.

@@ -33,7 +33,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--workdir", default="", help="default: a fresh temporary folder")
     args = parser.parse_args(argv)
 
-    from medvlp_jax import train
+    from medvlp_jax import stages, train
 
     base = config_lib.apply_overrides(config_lib.load_config_file(args.config), args.set)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="medvlp_quality_"))
@@ -44,7 +44,7 @@ def main(argv: list[str]) -> None:
         metrics = train.run(config, root / name)
         results[name] = {
             "overrides": overrides,
-            "steps": config.train.num_steps,
+            "steps": stages.total_steps(stages.resolve(config)),
             "wall_s": round(time.time() - start, 1),
             **{k: round(v, 4) for k, v in metrics.items()},
         }
