@@ -12,6 +12,7 @@ at the restored step and a warning says why.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import grain
@@ -162,10 +163,22 @@ def find_state_dir(path: str, what: str) -> Path:
 VARIABLE_ITEMS = {"params": ("params",), "batch_stats": ("model_state", "batch_stats")}
 
 
+@contextlib.contextmanager
+def _absl_errors_only():
+    """Keeps absl log lines below ERROR (Orbax's) quiet while active."""
+    previous = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(previous)
+
+
 def read_variables(state_dir: Path) -> dict:
     """The loadable collections ('params', 'batch_stats') of a saved train state, as host
     numpy arrays, whatever device layout saved them."""
-    saved = ocp.StandardCheckpointer().metadata(state_dir).item_metadata
+    with _absl_errors_only():  # Orbax warns that an item folder has no step metadata
+        saved = ocp.StandardCheckpointer().metadata(state_dir).item_metadata
     out = {}
     for name, item in VARIABLE_ITEMS.items():
         tree = saved

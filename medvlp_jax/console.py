@@ -71,8 +71,9 @@ def startup_summary(config, mesh, stages, num_records: int, workdir) -> str:
 
 def parameter_line(stage, n_stages: int, total: int, trainable: int, table_path) -> str:
     """One line of parameter totals for a stage."""
+    steps = f"steps {stage.start + 1}-{stage.end}" if stage.num_steps else "no training steps"
     return (
-        f"stage {stage.index + 1}/{n_stages} '{stage.name}': steps {stage.start + 1}-{stage.end}; "
+        f"stage {stage.index + 1}/{n_stages} '{stage.name}': {steps}; "
         f"parameters {count(total)} (trainable {count(trainable)}, frozen "
         f"{count(total - trainable)}) -> {table_path}"
     )
