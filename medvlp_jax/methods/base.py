@@ -45,7 +45,8 @@ class Method:
         self.config = config
 
     def setup(self, ctx: SetupContext) -> None:
-        """Runs once before init: build caches, pre-train a backbone, ... Default: nothing."""
+        """Runs once per stage before init: build caches (M-FLAG's frozen-LM embeddings), ...
+        Runs this run needs first are `config.prerequisites`, not setup work. Default: nothing."""
 
     def data_hooks(self, tokenizer) -> tuple:
         """Per-record callables adding method fields to each example (see data.pipeline)."""
