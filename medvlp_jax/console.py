@@ -19,10 +19,9 @@ def quiet_libraries(verbosity: int) -> None:
     default), 0 INFO, >= 1 DEBUG (absl's `--verbosity` when given)."""
     from absl import logging as absl_logging
 
-    level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
-    absl_logging.set_verbosity(
-        {logging.WARNING: "warning", logging.INFO: "info"}.get(level, "debug")
-    )
+    verbosity = min(max(verbosity, -1), 1)  # absl's own scale: -1 WARNING, 0 INFO, 1 DEBUG
+    absl_logging.set_verbosity(verbosity)
+    level = absl_logging.converter.absl_to_standard(verbosity)
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(level)
 

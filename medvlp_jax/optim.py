@@ -180,6 +180,13 @@ def _size(x) -> int:
     return int(np.prod(getattr(x, "shape", ())))
 
 
+def count_params(params, trainable) -> tuple[int, int]:
+    """(total, trainable) element counts of `params`; `trainable` is a bool tree like it."""
+    sizes = [_size(x) for x in jax.tree.leaves(params)]
+    flags = jax.tree.leaves(trainable)
+    return sum(sizes), sum(s for s, t in zip(sizes, flags, strict=True) if t)
+
+
 def group_table(rules: Sequence[Rule], params) -> str:
     """One line per parameter (path, shape, size, group, matching row), then the totals."""
     groups = jax.tree.leaves(param_groups(rules, params))
@@ -191,8 +198,8 @@ def group_table(rules: Sequence[Rule], params) -> str:
         rows.append((path, shape, f"{_size(leaf):,}", group.describe(), group.rule or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4] for r in rows]
-    total = sum(_size(x) for x in leaves)
-    frozen = sum(_size(x) for x, g in zip(leaves, groups, strict=True) if g.frozen)
+    total, trainable = count_params(params, trainable_mask(rules, params))
+    frozen = total - trainable
     lines.append(
         f"trainable {total - frozen:,} of {total:,} parameters "
         f"({100.0 * (total - frozen) / max(total, 1):.1f}%); frozen {frozen:,}"

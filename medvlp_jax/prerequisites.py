@@ -1,10 +1,11 @@
 """Runs a run needs before it starts: `config.prerequisites.<name>` is a complete run config.
 
 MCPL's frozen backbone is one: `config.prerequisites.backbone` is a configs/clip.py run, and
-`init.backbone.source = 'run:backbone'` loads its weights. Before training, `ensure_all` trains
-every prerequisite that has not finished into `<cache>/runs/<name>-<hash>` (`run_dir`: the
-hash covers what decides the weights), with `train.run`: the code path of `main`, so an
-interrupted pre-training resumes and a finished one is reused by every later run.
+`init.backbone.source = 'run:backbone'` loads its weights. Before training, the trainer calls
+`ensure` for every prerequisite some `init` load reads: one that has not finished is trained
+into `<cache>/runs/<name>-<hash>` (`run_dir`: the hash covers what decides the weights) with
+`train.run`, the code path of `main`, so an interrupted pre-training resumes and a finished
+one is reused by every later run.
 """
 
 from __future__ import annotations
@@ -83,9 +84,3 @@ def ensure(config: ml_collections.ConfigDict, name: str) -> Path:
         )
     print(f"prerequisite '{name}' ready in {folder}", flush=True)
     return folder
-
-
-def ensure_all(config: ml_collections.ConfigDict) -> None:
-    """Trains every prerequisite of `config` that has not finished (in name order)."""
-    for name in sorted(config.prerequisites):
-        ensure(config, name)

@@ -297,7 +297,7 @@ class RunContext:
     ckpt: checkpointing.Checkpointer
     writer: MetricWriter
     plan: list[stages.Stage]
-    stop: _StopFlag
+    stop: _StopFlag | None  # set while training (mode=eval installs no SIGTERM handler)
 
 
 @dataclasses.dataclass
@@ -311,7 +311,6 @@ class StageRun:
     throughput: throughput.Throughput
     evaluator: evaluate.Evaluator
     refresher: batch_stats.BatchStatsRefresher | None
-    state: TrainState | None = None  # the stage's last state, once its loop has run
 
 
 def _train_iterator(ctx: RunContext, hooks, seed: int):
@@ -326,9 +325,10 @@ def _train_iterator(ctx: RunContext, hooks, seed: int):
     )
 
 
-def _write_parameter_table(ctx: RunContext, stage, method, params) -> None:
+def _write_parameter_table(ctx: RunContext, stage, method, params, trainable) -> None:
     """Writes the stage's group table to WORKDIR/parameters.txt (after the tables of the
-    stages before it; a resumed stage replaces its own) and prints its totals."""
+    stages before it; a resumed stage replaces its own) and prints its totals (`trainable`:
+    the stage's bool mask)."""
     rules = optim.group_rules(stage.config.optim, method.group_rules())
     path = ctx.workdir / "parameters.txt"
     if jax.process_index() == 0:
@@ -336,11 +336,8 @@ def _write_parameter_table(ctx: RunContext, stage, method, params) -> None:
         header = f"{stage.index + 1}/{len(ctx.plan)} '{stage.name}'\n"
         sections = [*earlier[: stage.index], header + optim.group_table(rules, params)]
         path.write_text("".join(STAGE_HEADER + section for section in sections))
-    sizes = [int(np.prod(p.shape)) for p in jax.tree.leaves(params)]
-    flags = jax.tree.leaves(optim.trainable_mask(rules, params))
-    total = sum(sizes)
-    trainable = sum(s for s, t in zip(sizes, flags, strict=True) if t)
-    console.say(console.parameter_line(stage, len(ctx.plan), total, trainable, path))
+    total, n_trainable = optim.count_params(params, trainable)
+    console.say(console.parameter_line(stage, len(ctx.plan), total, n_trainable, path))
 
 
 def _check_stage_meta(ctx: RunContext, stage: stages.Stage, step: int) -> None:
@@ -353,29 +350,46 @@ def _check_stage_meta(ctx: RunContext, stage: stages.Stage, step: int) -> None:
         )
 
 
-def _start_stage(ctx: RunContext, stage, previous: TrainState | None, prior, data_state):
-    """Builds the stage's method and step; returns (StageRun, its first state)."""
-    config, mesh = stage.config, ctx.mesh
+def _stage_method(ctx: RunContext, config, data_state=None):
+    """The stage's method (set up), its data hooks, its training iterator (at `data_state`
+    when given) and an example global batch. Returns (method, hooks, iterator, example)."""
     method = get_method(config)
-    method.setup(SetupContext(config, ctx.workdir, mesh, ctx.tokenizer, ctx.records))
+    method.setup(SetupContext(config, ctx.workdir, ctx.mesh, ctx.tokenizer, ctx.records))
     hooks = method.data_hooks(ctx.tokenizer)  # read-only; shared by training and refresh data
     data_iter = _train_iterator(ctx, hooks, config.seed)
     if data_state is not None:
         data_iter.set_state(data_state)
-    example = mesh_lib.global_batch(mesh, _peek(data_iter))
+    return method, hooks, data_iter, mesh_lib.global_batch(ctx.mesh, _peek(data_iter))
+
+
+def _restore(ctx: RunContext, stage, method, example, data_iter, step: int):
+    """The checkpoint at `step`, written in `stage`, and the data iterator's position in place.
+    Returns (state, shardings, tx, lr_fn, trainable)."""
+    abstract, shardings, tx, lr_fn, trainable = abstract_state(
+        stage.config, method, ctx.mesh, example
+    )
+    _check_stage_meta(ctx, stage, step)
+    state = ctx.ckpt.restore(abstract, data_iter, step=step)
+    return state, shardings, tx, lr_fn, trainable
+
+
+def _start_stage(ctx: RunContext, stage, previous: TrainState | None, prior, data_state):
+    """Builds the stage's method and step; returns (StageRun, its first state)."""
+    config, mesh = stage.config, ctx.mesh
+    method, hooks, data_iter, example = _stage_method(ctx, config, data_state)
     restore_step = ctx.ckpt.latest_step() if previous is None else None
     if previous is not None:
         state, shardings, tx, lr_fn, trainable = carry_over(
             previous, stage, prior, method, mesh, example
         )
     elif restore_step:
-        abstract, shardings, tx, lr_fn, trainable = abstract_state(config, method, mesh, example)
-        _check_stage_meta(ctx, stage, restore_step)
-        state = ctx.ckpt.restore(abstract, data_iter)
+        state, shardings, tx, lr_fn, trainable = _restore(
+            ctx, stage, method, example, data_iter, restore_step
+        )
         console.say(f"resuming from step {int(state.step)} (stage '{stage.name}')")
     else:
         state, shardings, tx, lr_fn, trainable = create_state(config, method, mesh, example)
-    _write_parameter_table(ctx, stage, method, state.params)
+    _write_parameter_table(ctx, stage, method, state.params, trainable)
     step_jit = jit_step(method, tx, lr_fn, trainable, shardings, example, config.optim, stage.start)
     compiled = step_jit.lower(_abstract(state, shardings), example).compile()
     refresher = None
@@ -467,8 +481,7 @@ def _run_stages(ctx: RunContext) -> dict:
     eval_metrics: dict = {}
     for stage in ctx.plan[first.index :]:
         run_, state = _start_stage(ctx, stage, state, prior, data_state)
-        eval_metrics, stopped = _loop(ctx, run_, state)
-        state = run_.state
+        state, eval_metrics, stopped = _loop(ctx, run_, state)
         if stopped:
             break
         prior, data_state = stage.config, run_.data_iter.get_state()
@@ -501,10 +514,10 @@ def _profile_window(config, step: int, first: int) -> str | None:
     return None
 
 
-def _loop(ctx: RunContext, run_: StageRun, state: TrainState) -> tuple[dict, bool]:
+def _loop(ctx: RunContext, run_: StageRun, state: TrainState) -> tuple[TrainState, dict, bool]:
     """Steps the stage from the state's step to its end; evaluates (after refreshing
-    batch-norm statistics when configured) and checkpoints on schedule. Sets `run_.state`;
-    returns (the last eval metrics, whether a stop signal ended it)."""
+    batch-norm statistics when configured) and checkpoints on schedule. Returns (the last
+    state, the last eval metrics, whether a stop signal ended it)."""
     config, stage = run_.stage.config, run_.stage
     train_cfg, total = config.train, stages.total_steps(ctx.plan)
     is_last_stage = stage.index == len(ctx.plan) - 1
@@ -547,8 +560,7 @@ def _loop(ctx: RunContext, run_: StageRun, state: TrainState) -> tuple[dict, boo
         # Nothing to train: a finished run (evaluate, log nothing new), or a 0-step one.
         fresh = ctx.ckpt.latest_step() is None
         state, eval_metrics = _evaluate(ctx, run_, state, first, write=fresh)
-    run_.state = state
-    return eval_metrics, stopped
+    return state, eval_metrics, stopped
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: Path, step: int = -1) -> dict:
@@ -565,17 +577,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: Path, step: 
                 f"(has {available}); set --config.eval_step to one of them"
             )
         stage = stages.stage_of(ctx.plan, step)
-        config = stage.config
         with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ACTIVATION_RULES):
-            method = get_method(config)
-            method.setup(SetupContext(config, ctx.workdir, ctx.mesh, ctx.tokenizer, ctx.records))
-            data_iter = _train_iterator(ctx, method.data_hooks(ctx.tokenizer), config.seed)
-            example = mesh_lib.global_batch(ctx.mesh, _peek(data_iter))
-            abstract, *_ = abstract_state(config, method, ctx.mesh, example)
-            _check_stage_meta(ctx, stage, step)
-            state = ctx.ckpt.restore(abstract, data_iter, step=step)
+            method, _, data_iter, example = _stage_method(ctx, stage.config)
+            state, *_ = _restore(ctx, stage, method, example, data_iter, step)
             console.say(f"evaluating the checkpoint at step {step} (stage '{stage.name}')")
-            metrics = evaluate.Evaluator(config, method, ctx.mesh, ctx.tokenizer).run(state)
+            evaluator = evaluate.Evaluator(stage.config, method, ctx.mesh, ctx.tokenizer)
+            metrics = evaluator.run(state)
         ctx.writer.write(step, metrics)
         if jax.process_index() == 0:
             (ctx.workdir / f"eval_{step}.json").write_text(json.dumps(metrics, indent=2))

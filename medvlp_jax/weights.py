@@ -77,6 +77,17 @@ def load_order(init_cfg: ml_collections.ConfigDict) -> list[str]:
     return sorted(init_cfg, key=lambda name: (init_cfg[name].order, name))
 
 
+def loads_writing(init_cfg: ml_collections.ConfigDict, subtree: str) -> list[str]:
+    """The loads (in `load_order`) that can write under `subtree`: every destination of a
+    load lies under its `into`, so those whose `into` is the root, `subtree` or inside it."""
+    intos = {name: init_cfg[name].into for name in init_cfg}
+    return [
+        name
+        for name in load_order(init_cfg)
+        if not intos[name] or intos[name] == subtree or intos[name].startswith(subtree + "/")
+    ]
+
+
 def flatten(variables: dict) -> Flat:
     """{'params': tree, ...} -> {'params': {'a/b/kernel': leaf}, ...} (loadable collections)."""
     return {

@@ -43,7 +43,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from medvlp_jax import embedding_cache, precision, weights
+from medvlp_jax import embedding_cache, optim, precision, weights
 from medvlp_jax.data.config import resolve_cache_dir
 from medvlp_jax.losses.alignment import mflag_alignment_loss
 from medvlp_jax.losses.common import l2_normalize
@@ -122,10 +122,7 @@ def _split(variables: dict) -> tuple[dict, dict]:
 def count_params(params, trainable) -> dict:
     """Trainable vs total parameter counts, and M-FLAG's claim in our terms: how many fewer
     parameters train than in a dual encoder where both towers (and projectors) train."""
-    sizes = [int(np.prod(p.shape)) for p in jax.tree.leaves(params)]
-    flags = jax.tree.leaves(trainable)
-    total = sum(sizes)
-    n_trainable = sum(s for s, t in zip(sizes, flags, strict=True) if t)
+    total, n_trainable = optim.count_params(params, trainable)
     return {
         "total": total,
         "trainable": n_trainable,
@@ -186,7 +183,8 @@ class MFlag(Method):
 
     def _frozen_text_params(self) -> dict:
         """The LM params the trainer will hold: the seeded random init with the `text/` leaves
-        of every `config.init` load applied, as the trainer applies them."""
+        of the `config.init` loads that can write there applied, as the trainer applies them
+        (loads into other towers are not read twice)."""
         m = self.config.model
         with _fast_init_rng():
             params = jax.device_get(self._jit_init_text(self._text_key()))["params"]
@@ -197,7 +195,11 @@ class MFlag(Method):
         }
         abstract = strip_boxes(jax.eval_shape(self.init, jax.random.PRNGKey(0), example))
         loaded, _ = weights.loaded_leaves(
-            self.config.init, weights.flatten(abstract), self, weights.run_resolver(self.config)
+            self.config.init,
+            weights.flatten(abstract),
+            self,
+            weights.run_resolver(self.config),
+            weights.loads_writing(self.config.init, "text"),
         )
         text = {
             path.removeprefix("text/"): value
