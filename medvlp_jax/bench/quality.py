@@ -2,7 +2,8 @@
 
 Trains the config with its default budget in a fresh work directory and prints the final
 evaluation metrics as JSON. A config with `bench.variants` ("name:a.b=v;c.d=w") is run once per
-variant (e.g. MCPL's ablations), each in its own work directory.
+variant (e.g. MCPL's ablations), each in its own work directory; `--sweep=a.b:v1,v2,...` runs
+it once per value of one field instead (e.g. PTUnifier's pool size), then prints a table.
 """
 
 from __future__ import annotations
@@ -26,11 +27,29 @@ def _variants(config) -> list[tuple[str, list[str]]]:
     return out
 
 
+def _sweep(spec: str) -> list[tuple[str, list[str]]]:
+    key, sep, values = spec.partition(":")
+    if not sep or not key or not values:
+        raise SystemExit(f"--sweep={spec!r}: expected FIELD:VALUE,VALUE,... (a.b.c:1,2,3)")
+    return [(f"{key}={v}", [f"{key}={v}"]) for v in values.split(",") if v]
+
+
+def _table(results: dict) -> str:
+    metrics = sorted({k for r in results.values() for k in r if k.startswith("eval/")})
+    short = [m.split("/", 2)[-1] for m in metrics]
+    lines = ["| variant | " + " | ".join(short) + " |", "|---" * (len(short) + 1) + "|"]
+    for name, r in results.items():
+        cells = [f"{r[m]:.3f}" if m in r else "-" for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m medvlp_jax.bench quality")
     parser.add_argument("--config", required=True, help="configs/NAME.py[:preset]")
     parser.add_argument("--set", action="append", default=[], help="override a.b=value")
     parser.add_argument("--workdir", default="", help="default: a fresh temporary folder")
+    parser.add_argument("--sweep", default="", help="FIELD:V1,V2,...: one run per value")
     args = parser.parse_args(argv)
 
     from medvlp_jax import stages, train
@@ -38,7 +57,8 @@ def main(argv: list[str]) -> None:
     base = config_lib.apply_overrides(config_lib.load_config_file(args.config), args.set)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="medvlp_quality_"))
     results = {}
-    for name, overrides in _variants(base):
+    variants = _sweep(args.sweep) if args.sweep else _variants(base)
+    for name, overrides in variants:
         config = config_lib.apply_overrides(base, overrides)
         start = time.time()
         metrics = train.run(config, root / name)
@@ -49,3 +69,5 @@ def main(argv: list[str]) -> None:
             **{k: round(v, 4) for k, v in metrics.items()},
         }
     print(json.dumps({"config": args.config, "workdir": str(root), "results": results}, indent=2))
+    if args.sweep:
+        print(_table(results))

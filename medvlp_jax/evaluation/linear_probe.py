@@ -20,7 +20,9 @@ import optax
 
 from medvlp_jax.evaluation.metrics import accuracy, macro_f1, multilabel_auroc
 
-PRED = {"image": "embed_image"}
+# features: any [B, D] predict function (an image embedding by default; a method may probe
+# its text-only or fused features instead).
+PRED = {"features": "embed_image"}
 # fractions: label fractions of the training split; steps: L-BFGS iterations;
 # max_train_examples: the first N training records; l2_grid: chosen on the validate split.
 FIELDS = ("fractions", "steps", "max_train_examples", "l2_grid")
@@ -209,24 +211,24 @@ def linear_probe(
 
 
 def run(ctx, preds: dict, cfg) -> dict[str, float]:
-    """Macro AUROC of a probe on `preds['image']` features (`[B, D]`) per label fraction:
+    """Macro AUROC of a probe on `preds['features']` (`[B, D]`) per label fraction:
     `{'linear_probe_auroc@<fraction>': ...}`."""
-    fns = {"image": preds["image"]}
+    fns = {"features": preds["features"]}
     train = ctx.predict_records(ctx.records("train")[: cfg.max_train_examples], fns)
     val = ctx.predict_records(ctx.records("validate"), fns)
     test = ctx.predict_records(ctx.records("test"), fns)
     results = linear_probe(
-        train["image"],
+        train["features"],
         train["labels"],
         train["label_mask"],
-        test["image"],
+        test["features"],
         test["labels"],
         test["label_mask"],
         fractions=tuple(cfg.fractions),
         seed=ctx.seed,
         steps=cfg.steps,
         l2=tuple(cfg.l2_grid),
-        val=(val["image"], val["labels"], val["label_mask"]),
+        val=(val["features"], val["labels"], val["label_mask"]),
     )
     return {
         f"linear_probe_auroc@{fraction:g}": result["auroc"] for fraction, result in results.items()

@@ -8,7 +8,11 @@ import numpy as np
 from medvlp_jax.data.sources import ZERO_SHOT_CLASSES
 from medvlp_jax.evaluation.metrics import accuracy, l2_normalize, macro_f1
 
-PRED = {"image": "embed_image", "text": "embed_text"}
+PRED = {"image": "embed_image", "text": "embed_text", "score": ""}
+# score (optional): a predict function `[B, C]` scoring each image of the batch against the C
+# classes, whose `text` features (averaged over the templates) it gets as the batch field
+# `class_features` `[C, F]` (one array, not per row); the `image` role is then unused. For
+# scores that are not a cosine of two embeddings (PRIOR's global + local score).
 # classes: names from the data's zero-shot list (() = all of ZERO_SHOT_CLASSES, in its order);
 # templates: prompt patterns, "{}" = the lower-cased class name; a class is the average of its
 # prompts' embeddings.
@@ -75,9 +79,18 @@ def run(ctx, preds: dict, cfg) -> dict[str, float]:
     remap[[ZERO_SHOT_CLASSES.index(c) for c in classes]] = np.arange(len(classes))
     labels = remap[labels]
     records = [r for r, label in zip(records, labels, strict=True) if label >= 0]
-    images = ctx.predict_records(records, {"image": preds["image"]})["image"]
     prompts = [t.format(c.lower()) for c in classes for t in cfg.templates]
     class_emb = ctx.predict_texts(prompts, preds["text"])
     class_emb = class_emb.reshape(len(classes), len(cfg.templates), -1)
-    result = zero_shot_classify(images, class_emb, labels[labels >= 0])
+    labels = labels[labels >= 0]
+    if "score" in preds:
+        features = class_emb.mean(axis=1)
+        score = lambda batch: preds["score"]({**batch, "class_features": features})
+        predictions = np.argmax(ctx.predict_records(records, {"score": score})["score"], axis=1)
+        return {
+            "zero_shot_acc": accuracy(predictions, labels),
+            "zero_shot_macro_f1": macro_f1(predictions, labels, len(classes)),
+        }
+    images = ctx.predict_records(records, {"image": preds["image"]})["image"]
+    result = zero_shot_classify(images, class_emb, labels)
     return {"zero_shot_acc": result["acc"], "zero_shot_macro_f1": result["macro_f1"]}

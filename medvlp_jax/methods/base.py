@@ -24,6 +24,8 @@ REGISTRY = {
     "clip": "medvlp_jax.methods.clip:Clip",
     "mflag": "medvlp_jax.methods.mflag:MFlag",
     "mcpl": "medvlp_jax.methods.mcpl.method:Mcpl",
+    "prior": "medvlp_jax.methods.prior.method:Prior",
+    "ptunifier": "medvlp_jax.methods.ptunifier.method:PTUnifier",
 }
 
 

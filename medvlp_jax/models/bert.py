@@ -65,20 +65,17 @@ class BertEncoder(nn.Module):
         """Word embeddings only: input_ids [B, T] -> [B, T, D]."""
         return self.word_embeddings(input_ids)
 
-    def __call__(
+    def embed(
         self,
         input_ids: jax.Array | None,
-        attention_mask: jax.Array | None = None,
         token_type_ids: jax.Array | None = None,
         position_ids: jax.Array | None = None,
         *,
         inputs_embeds: jax.Array | None = None,
         train: bool = False,
-        prompt_fn: PromptFn | None = None,
-    ) -> dict[str, jax.Array]:
-        """input_ids [B, T] (or inputs_embeds [B, T, D] replacing the word embeddings),
-        attention_mask [B, T] (1 = token; default all ones) -> outputs dict.
-        """
+    ) -> jax.Array:
+        """The embedding layer: word (or `inputs_embeds` [B, T, D]) + position + token type,
+        LayerNorm, dropout. input_ids [B, T] -> [B, T, D] (the encoder's input)."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids [B, T] or inputs_embeds [B, T, D]")
@@ -105,7 +102,17 @@ class BertEncoder(nn.Module):
             + self.position_embeddings(position_ids)
             + self.token_type_embeddings(token_type_ids)
         )
-        x = self.embed_dropout(self.embed_norm(x), deterministic=not train)
+        return self.embed_dropout(self.embed_norm(x), deterministic=not train)
+
+    def encode(
+        self,
+        x: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        train: bool = False,
+        prompt_fn: PromptFn | None = None,
+    ) -> dict[str, jax.Array]:
+        """The encoder layers and pooler on embedded tokens x [B, T, D] -> outputs dict."""
         x, prompt_out = self.encoder(
             x, attention_mask, deterministic=not train, prompt_fn=prompt_fn
         )
@@ -115,6 +122,25 @@ class BertEncoder(nn.Module):
         if prompt_out is not None:
             out["prompt_tokens"] = prompt_out
         return out
+
+    def __call__(
+        self,
+        input_ids: jax.Array | None,
+        attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        *,
+        inputs_embeds: jax.Array | None = None,
+        train: bool = False,
+        prompt_fn: PromptFn | None = None,
+    ) -> dict[str, jax.Array]:
+        """input_ids [B, T] (or inputs_embeds [B, T, D] replacing the word embeddings),
+        attention_mask [B, T] (1 = token; default all ones) -> outputs dict.
+        """
+        x = self.embed(
+            input_ids, token_type_ids, position_ids, inputs_embeds=inputs_embeds, train=train
+        )
+        return self.encode(x, attention_mask, train=train, prompt_fn=prompt_fn)
 
     def example_inputs(self, batch: int = 1, length: int = 8) -> tuple[jax.Array, ...]:
         """Dummy positional inputs for `init`: (input_ids [batch, length], attention_mask)."""

@@ -9,7 +9,14 @@ import jax
 import jax.numpy as jnp
 
 from medvlp_jax.models.attention import MultiHeadAttention, key_padding_mask
-from medvlp_jax.models.layers import Dtype, activation, batch_norm, dense, partitioned
+from medvlp_jax.models.layers import (
+    Dtype,
+    activation,
+    batch_norm,
+    dense,
+    layer_norm,
+    partitioned,
+)
 
 FINAL_NORMS = ("none", "bn", "bn_no_affine")
 
@@ -118,3 +125,28 @@ class MLPHead(nn.Module):
                 **kw,
             )(x)
         return x
+
+
+class MLMHead(nn.Module):
+    """BERT's masked-language-model head: Dense(D) -> activation -> LayerNorm, then a vocabulary
+    projection (no bias) plus a separate `bias` [V] (HF's `BertOnlyMLMHead`, untied).
+    Params: transform, transform_norm, decoder, bias."""
+
+    vocab_size: int
+    activation: str = "gelu"
+    layer_norm_eps: float = 1e-12
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., D] -> logits [..., vocab_size] (float32)."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = dense(x.shape[-1], ("embed", "mlp"), name="transform", **kw)(x)
+        h = activation(self.activation)(h)
+        h = layer_norm(self.layer_norm_eps, axis_name="mlp", name="transform_norm", **kw)(h)
+        logits = dense(self.vocab_size, ("mlp", "vocab"), use_bias=False, name="decoder", **kw)(h)
+        bias = self.param(
+            "bias", partitioned(nn.initializers.zeros_init(), "vocab"), (self.vocab_size,)
+        )
+        return (logits + bias.astype(logits.dtype)).astype(jnp.float32)

@@ -76,6 +76,32 @@ class TransformerConfig:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
 
 
+def post_ln_config(
+    width: int,
+    num_layers: int,
+    num_heads: int,
+    mlp_dim: int,
+    *,
+    dropout_rate: float = 0.1,
+    attention_dropout_rate: float = 0.1,
+    layer_norm_eps: float = 1e-12,
+    dtype: Dtype = jnp.float32,
+) -> TransformerConfig:
+    """A BERT-style (post-LN, exact GELU) stack built from scratch: fusion layers, decoders."""
+    return TransformerConfig(
+        width=width,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        mlp_dim=mlp_dim,
+        norm_first=False,
+        activation="gelu",
+        layer_norm_eps=layer_norm_eps,
+        dropout_rate=dropout_rate,
+        attention_dropout_rate=attention_dropout_rate,
+        dtype=dtype,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerPrompts:
     """Prompt rows for one layer (see the module docstring).

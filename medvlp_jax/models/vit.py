@@ -18,6 +18,8 @@ Outputs (dict):
 - `pooled` [B, E]: CLIP: ln_post(cls) @ proj (or ln_post(cls) without projection); HF: the
   class token of `tokens`.
 - `pooler_output` [B, D]: CLIP: ln_post(cls); HF: the pooler's output when it exists.
+- `normed_tokens` [B, 1 + N, D]: every token through the final LayerNorm (CLIP: `ln_post`
+  applied to all tokens, as fusion models such as PTUnifier read them; HF: = `tokens`).
 - `prompt_tokens` [B, P, D] when a `prompt_fn` left prompt rows in the last layer.
 """
 
@@ -168,20 +170,31 @@ class VisionTransformer(nn.Module):
         cls = jnp.broadcast_to(self.cls.astype(x.dtype), (b, 1, d))
         return jnp.concatenate([cls, x.reshape(b, h * w, d)], axis=1) + posemb.astype(x.dtype)
 
+    def class_token(self) -> jax.Array:
+        """[D] the class token with its positional embedding (the image stream's first row
+        when prompts stand in for the patches)."""
+        return (self.cls + self.posemb[0]).astype(self.transformer.dtype)
+
     def encode(
-        self, tokens: jax.Array, *, train: bool = False, prompt_fn: PromptFn | None = None
+        self,
+        tokens: jax.Array,
+        mask: jax.Array | None = None,
+        *,
+        train: bool = False,
+        prompt_fn: PromptFn | None = None,
     ) -> dict[str, jax.Array]:
-        """Runs ln_pre, the blocks and the heads on embedded tokens [B, 1 + N, D]."""
+        """Runs ln_pre, the blocks and the heads on embedded tokens [B, 1 + N, D] (mask
+        [B, 1 + N], 1 = attend, for rows padded to a common length; default all)."""
         x = self.ln_pre(tokens) if self.layout == "clip" else tokens
-        x, prompt_out = self.encoder(x, deterministic=not train, prompt_fn=prompt_fn)
+        x, prompt_out = self.encoder(x, mask, deterministic=not train, prompt_fn=prompt_fn)
         if self.layout == "clip":
             cls = self.norm(x[:, 0])
-            out = {"tokens": x, "pooler_output": cls, "pooled": cls}
+            out = {"tokens": x, "normed_tokens": self.norm(x), "pooler_output": cls, "pooled": cls}
             if self.proj_dim:
                 out["pooled"] = self.proj(cls)
         else:
             x = self.norm(x)
-            out = {"tokens": x, "pooled": x[:, 0]}
+            out = {"tokens": x, "normed_tokens": x, "pooled": x[:, 0]}
             if self.pooler:
                 out["pooler_output"] = jnp.tanh(self.pooler_dense(x[:, 0]))
         if prompt_out is not None:

@@ -1,0 +1,1 @@
+"""PRIOR: global + local alignment, sentence prototype bank, cross-modal reconstruction."""

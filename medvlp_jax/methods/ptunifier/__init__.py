@@ -1,0 +1,1 @@
+"""PTUnifier: prompt pools unify fusion- and dual-encoder use (see `method`)."""
