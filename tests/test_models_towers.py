@@ -12,6 +12,7 @@ import pytest
 from medvlp_jax.models import (
     AttentionPool,
     CoAttentionFusion,
+    MLMHead,
     MLPHead,
     TransformerConfig,
     TransformerStack,
@@ -43,7 +44,15 @@ def _build(name: str, size: str = "tiny", **overrides):
 @pytest.mark.parametrize(
     "name,expected",
     [
-        ("vit", {"tokens": (2, 17, 32), "pooled": (2, 16), "pooler_output": (2, 32)}),
+        (
+            "vit",
+            {
+                "tokens": (2, 17, 32),
+                "normed_tokens": (2, 17, 32),
+                "pooled": (2, 16),
+                "pooler_output": (2, 32),
+            },
+        ),
         ("resnet50", {"tokens": (2, 4, 2048), "pooled": (2, 2048), "feature_map": (2, 2, 2, 2048)}),
         ("bert", {"tokens": (2, 8, 32), "pooled": (2, 32), "pooler_output": (2, 32)}),
         ("roberta", {"tokens": (2, 8, 32), "pooled": (2, 32), "pooler_output": (2, 32)}),
@@ -71,6 +80,7 @@ def test_heads_and_fusion_params_are_annotated():
         (MLPHead((8, 4), final_norm="bn"), (x[:, 0],)),
         (AttentionPool(2, 8, num_positions=4), (x,)),
         (CoAttentionFusion(cfg), (x, y)),
+        (MLMHead(50), (x,)),
     ]:
         abstract = jax.eval_shape(lambda m=module, a=args: m.init(jax.random.key(0), *a))
         for box in jax.tree.leaves(

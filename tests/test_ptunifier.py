@@ -212,11 +212,12 @@ def _batch(b=6, t=12, size=32, seed=0):
     }
 
 
-@pytest.mark.parametrize("prompts", ["7,3", "0,0"])
+@pytest.mark.parametrize("prompts", ["7,12", "0,0"])
 def test_stacked_pretraining_pass_equals_the_single_input_paths(prompts):
     """The training pass runs each tower once on padded, stacked inputs; its ITC and ITM
     outputs equal the evaluators' one-input-at-a-time paths (here the visual prompts are
-    shorter or longer than the 16 patches, so padding and masks are exercised)."""
+    shorter than the 16 patches and the 12 textual prompts + 2 longer than the 12 tokens, so
+    padding and masks are exercised both ways)."""
     k_visual, k_text = prompts.split(",")
     pool = "0" if k_visual == "0" else "16"
     _, method = _method(
@@ -246,6 +247,7 @@ def test_stacked_pretraining_pass_equals_the_single_input_paths(prompts):
         return stacked, single
 
     out, single = both(variables, batch)
+    assert out["mlm_logits"].shape == (*batch["input_ids"].shape, 30522)
     np.testing.assert_allclose(out["itc_image"], single["itc_image"], atol=2e-5)
     np.testing.assert_allclose(out["itc_text"], single["itc_text"], atol=2e-5)
     logits = np.asarray(out["itm_logits"])

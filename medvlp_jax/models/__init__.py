@@ -19,7 +19,13 @@ from medvlp_jax.models.convert import (
     load_torchvision_resnet50,
 )
 from medvlp_jax.models.fusion import CoAttentionFusion, CoAttentionLayer
-from medvlp_jax.models.heads import AttentionPool, MLPHead, masked_mean, sentence_embedding
+from medvlp_jax.models.heads import (
+    AttentionPool,
+    MLMHead,
+    MLPHead,
+    masked_mean,
+    sentence_embedding,
+)
 from medvlp_jax.models.resnet import ResNet50
 from medvlp_jax.models.transformer import (
     LayerPrompts,
@@ -38,6 +44,7 @@ __all__ = [
     "CoAttentionFusion",
     "CoAttentionLayer",
     "LayerPrompts",
+    "MLMHead",
     "MLPHead",
     "ResNet50",
     "TransformerConfig",

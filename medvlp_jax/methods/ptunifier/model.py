@@ -274,7 +274,9 @@ class PTUnifierModel(nn.Module):
             itm_inputs, labels = itm_pair(None)
             pairs.append(itm_inputs)
         fused = self._fuse(pairs, train=train)
-        out = {"mlm_logits": self.mlm_head(fused[0]["text_tokens"])}
+        # The text streams share the longest length (textual prompts may exceed T).
+        text_len = input_ids.shape[1]
+        out = {"mlm_logits": self.mlm_head(fused[0]["text_tokens"][:, :text_len])}
         if with_itc:
             out["itc_image"], out["itc_text"] = self.itc_embeddings(
                 fused[1]["feature"], fused[2]["feature"]
