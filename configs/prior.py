@@ -64,6 +64,9 @@ def get_config(arg: str = ""):
     c.data.max_text_len = 96
     c.data.batch_size = 32
     c.model.embed_dim = 256
+    # From scratch the released init of 100 collapses the image embeddings within 20 steps
+    # (L_g pinned at log B from step 20, measured); CLIP's 1 / 0.07 as configs/clip.py.
+    c.model.logit_scale_init = 1 / 0.07
     c.model.max_sentences = 16
     c.model.num_prototypes = 128
     c.model.decoder_layers = 2

@@ -1,20 +1,27 @@
 """PTUnifier on SynthCXR: a hybrid ViT and MiniLM, co-attention fusion, prompt pools,
 MLM + ITM + ITC.
 
+Towers. As the paper starts from CLIP's ViT and RoBERTa, the image tower starts from a CLIP
+run on the same data: `config.prerequisites.backbone` (`backbone_config()`: the CLIP baseline
+with the hybrid ViT of `configs/clip.py:vit`, widened to 384 so that its embeddings can query
+the textual pool), which the trainer pre-trains into the cache on first use
+(`<cache>/runs/backbone-<hash>`, ~20 min on 2 cores); `init.image` takes its image tower
+(`--config.init.image.source=''` starts from scratch; an HF CLIP folder or a CLIP run's
+workdir also fit). The text tower is the pre-trained MiniLM.
+
 Presets (`--config=configs/ptunifier.py:PRESET`):
-  ''        the default at CPU size: the hybrid ViT of `configs/clip.py:vit` at 64 px (16
-            patch tokens), width 384 so that its embeddings can query the textual pool and
-            MiniLM's the visual one; the pre-trained MiniLM; 32 tokens; 6 co-attention layers
-            of width 128; pools of 256 rows per modality (the pool-size study in the README),
-            k = 16 visual and 32 textual prompts; learnable pools, ITC on.
-  tiny      tests and CI: one-layer tiny towers and fusion, 32 px, 200 studies, 12 steps.
-  The default trains 80 steps (~10 s a step on 2 cores: MLM, ITM and both ITC paths
-  through the fusion every step).
+  ''        the default at CPU size: that hybrid ViT at 64 px (16 patch tokens), MiniLM,
+            32 tokens; 6 co-attention layers of width 128; pools of 256 rows per modality
+            (the pool-size study in the README), k = 16 visual and 32 textual prompts;
+            learnable pools, ITC on; 80 steps of 32 (~13 s a step on 2 cores: MLM, ITM and
+            both ITC paths through the fusion every step).
+  tiny      tests and CI: one-layer tiny towers and fusion from scratch, 32 px, 200 studies,
+            12 steps.
   original  the released code's behaviour on the default's model (docs/fidelity.md): frozen
             pools, ITC off (1 x MLM + 0.5 x ITM), padding as an MLM candidate, the ViT's last
-            block dropped, AdamW (0.9, 0.98) wd 0.01, 10% warm-up then linear decay to 0, x5
-            lr on heads, fusion and pools, no gradient clipping (the base lr stays ours: the
-            released 1e-5 is for 100k steps from pre-trained towers).
+            block dropped (and not loaded), AdamW (0.9, 0.98) wd 0.01, 10% warm-up then linear
+            decay to 0, x5 lr on heads, fusion and pools, no gradient clipping (the base lr
+            stays ours: the released 1e-5 is for 100k steps from pre-trained towers).
 
 The published setting (ViT-B/16 CLIP weights at 288 px, RoBERTa-base, 768-wide fusion, pools
 of 2048 rows with k = 49 / 32, batch 256, 100k steps at lr 1e-5) needs real data and an
@@ -22,15 +29,32 @@ accelerator: `init.image.source` / `init.text.source` (HF CLIP and RoBERTa folde
 `data.tokenizer`, and `model.image` / `model.text` / `model.fusion` sized like them.
 """
 
-from medvlp_jax.config import base_config
+from pathlib import Path
+
+from medvlp_jax.config import base_config, load_config_file
 from medvlp_jax.models.builders import tower_config
 from medvlp_jax.weights import load_spec
+
+CLIP_CONFIG = Path(__file__).with_name("clip.py")
+
+
+def backbone_config():
+    """The image tower's pre-training run: the CLIP baseline with the hybrid ViT of
+    `configs/clip.py:vit`, 384 wide (6 heads) so that its embeddings can query the textual
+    pool (MiniLM's width)."""
+    backbone = load_config_file(f"{CLIP_CONFIG}:vit")
+    backbone.model.image.update(width=384, num_heads=6, mlp_dim=1536)
+    return backbone
 
 
 def get_config(arg: str = ""):
     c = base_config()
     c.method = "ptunifier"
-    c.init.image = load_spec("", into="image")
+    # The image tower starts from a CLIP run on the same data, as the paper starts from
+    # CLIP-ViT weights (the text tower from MiniLM, as the paper's from RoBERTa).
+    c.prerequisites.backbone = backbone_config()
+    only_image_tower = (r"image/(.*) -> \1", r".* ->")
+    c.init.image = load_spec("run:backbone", into="image", map=only_image_tower)
     c.init.text = load_spec("minilm", into="text")
 
     c.data.sections = ("impression", "findings")  # as configs/clip.py
@@ -39,8 +63,7 @@ def get_config(arg: str = ""):
     c.data.batch_size = 32
 
     m = c.model
-    m.image = tower_config("vit", "tiny")
-    m.image.update(width=384, num_layers=4, num_heads=6, mlp_dim=1536, patch_size=16, stem="resnet")
+    m.image = c.prerequisites.backbone.model.image.copy_and_resolve_references()
     m.drop_last_image_block = False
     m.text = tower_config("bert", "minilm")
     m.text.dropout_rate = 0.0
@@ -97,6 +120,8 @@ def get_config(arg: str = ""):
         m.image = tower_config("vit", "tiny")
         m.text = tower_config("bert", "tiny")
         m.text.vocab_size = 30522  # the MiniLM tokenizer's vocabulary
+        del c.prerequisites["backbone"]  # the prerequisite path is MCPL's tiny test's
+        c.init.image.update(source="", map=())
         c.init.text.source = ""
         # One layer per tower and in the fusion: its step compiles 4 fusion and 3 tower paths.
         m.image.num_layers = 1
@@ -119,6 +144,8 @@ def get_config(arg: str = ""):
             probe.fractions = (1.0,)
     elif arg == "original":
         m.drop_last_image_block = True
+        last = m.image.num_layers - 1
+        c.init.image.map = (rf"image/encoder/layer_{last}/.* ->", *c.init.image.map)
         m.freeze_pools = True
         m.mlm_mask_padding = True
         m.itc_enabled = False

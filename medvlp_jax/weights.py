@@ -17,8 +17,10 @@ puts them under `into` and overwrites those leaves of the freshly initialised va
     name an entry of `method.importers()` (e.g. 'image', 'text', 'backbone').
 - `into`: the destination subtree ('' = the whole model).
 - `map`: ("SRC_REGEX -> DST", ...) rewrites source paths before they go under `into`; the first
-  row whose regex fullmatches wins (`DST` may use `\\1`); a source path no row matches is
-  dropped (and counts as unexpected when strict). Empty: paths are kept as they are.
+  row whose regex fullmatches wins (`DST` may use `\\1`); a row with no `DST`
+  ("SRC_REGEX ->") skips the paths it matches on purpose (e.g. the other tower of a two-tower
+  run); a source path no row matches is dropped and counts as unexpected when strict.
+  Empty: paths are kept as they are.
 - `dont_load`: regexes over destination paths (relative to the model root) that keep their
   fresh initialisation.
 - `strict`: every destination leaf under `into` must be loaded (or be `dont_load`) and every
@@ -120,12 +122,17 @@ def _parse_map(name: str, rows) -> list[tuple[re.Pattern, str]]:
     return parsed
 
 
+SKIP = ""  # the renamed path of a source leaf a map row skips on purpose
+
+
 def _rename(path: str, rows: list[tuple[re.Pattern, str]]) -> str | None:
+    """The path after the first matching row (`SKIP` for a row without a destination), or
+    None when no row matches."""
     if not rows:
         return path
     for pattern, template in rows:
         if pattern.fullmatch(path):
-            return pattern.sub(template, path, count=1)
+            return pattern.sub(template, path, count=1) if template else SKIP
     return None
 
 
@@ -180,6 +187,8 @@ def plan(name: str, spec, source: Flat, target: Flat) -> tuple[Flat, list[str], 
     for collection, leaves in source.items():
         for path, value in leaves.items():
             renamed = _rename(path, rows)
+            if renamed == SKIP:
+                continue
             dst = None if renamed is None else _join(spec.into, renamed)
             if dst is not None and any(p.fullmatch(dst) for p in keep_out):
                 continue

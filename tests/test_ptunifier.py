@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,17 +22,18 @@ import torch
 import torch.nn.functional as F
 
 from medvlp_jax import config as config_lib
-from medvlp_jax import optim, train
+from medvlp_jax import optim, train, weights
 from medvlp_jax.data import tokenize
 from medvlp_jax.losses.contrastive import clip_loss
 from medvlp_jax.losses.matching import itm_loss, itm_pairs
 from medvlp_jax.losses.mlm import mask_tokens, mlm_loss
-from medvlp_jax.methods.base import get_method
+from medvlp_jax.methods.base import SetupContext, get_method
 from medvlp_jax.methods.ptunifier.model import PTUnifierModel
 from medvlp_jax.models.builders import build_image_tower
 from medvlp_jax.models.convert import export_hf
 from medvlp_jax.models.prompt_pool import select_prompts
 from medvlp_jax.models.testing import random_variables
+from medvlp_jax.parallel import mesh as mesh_lib
 
 ROOT = tinyconfigs.ROOT
 
@@ -297,6 +300,49 @@ def test_drop_last_image_block_imports_all_but_the_last(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, imported, full)
 
 
+def _param_shapes(config) -> dict:
+    """config's model variables as flat '/'-joined ShapeDtypeStructs (traced, not built)."""
+    method = get_method(config)
+    tokenizer = tokenize.load_tokenizer(config.data.tokenizer)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    method.setup(SetupContext(config, Path("unused"), mesh, tokenizer, []))
+    size, t = config.data.image_size, config.data.max_text_len
+    example = {
+        "image": jax.ShapeDtypeStruct((2, size, size, config.data.channels), jnp.float32),
+        "input_ids": jax.ShapeDtypeStruct((2, t), jnp.int32),
+        "attention_mask": jax.ShapeDtypeStruct((2, t), jnp.int32),
+    }
+    shapes = jax.eval_shape(method.init, jax.random.key(0), example)
+    return weights.flatten(nn.meta.unbox(shapes))
+
+
+def test_image_tower_loads_whole_from_the_backbone_run():
+    """The default and :original image loads take every image-tower leaf (params and batch
+    statistics) of the CLIP backbone run and skip its text tower, strictly; :original leaves
+    out the last ViT block."""
+    default = config_lib.load_config_file(str(ROOT / "configs/ptunifier.py"))
+    source = jax.tree.map(  # zero-size-in-memory stand-ins for the run's arrays
+        lambda x: np.broadcast_to(np.zeros((), x.dtype), x.shape),
+        _param_shapes(default.prerequisites.backbone),
+    )
+    assert any(p.startswith("text/") for p in source["params"])  # to be skipped
+    target = _param_shapes(default)  # :original's model is one block shorter
+    for preset in ("", "original"):
+        config = config_lib.load_config_file(str(ROOT / f"configs/ptunifier.py:{preset}"))
+        assert config.prerequisites.backbone == default.prerequisites.backbone
+        last = f"image/encoder/layer_{config.model.image.num_layers - 1}/"
+        if preset == "original":
+            target = {
+                c: {p: v for p, v in t.items() if not p.startswith(last)} for c, t in target.items()
+            }
+        loaded, missing, unexpected = weights.plan("image", config.init.image, source, target)
+        assert missing == [] and unexpected == [], preset
+        for collection, leaves in target.items():
+            image = {p for p in leaves if p.startswith("image/")}
+            assert set(loaded.get(collection, {})) == image, (preset, collection)
+        assert any(p.startswith(last) for p in loaded["params"]) == (preset == ""), preset
+
+
 def test_original_preset_changes_what_it_documents():
     default = config_lib.load_config_file(str(ROOT / "configs/ptunifier.py"))
     original = config_lib.load_config_file(str(ROOT / "configs/ptunifier.py:original"))
@@ -313,6 +359,7 @@ def test_original_preset_changes_what_it_documents():
         "optim.schedule",
         "optim.warmup_steps",
         "optim.clip_grad_norm",
+        "init.image.map",  # the last block's rows skipped
     }
 
 

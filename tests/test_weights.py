@@ -48,6 +48,14 @@ def test_into_map_and_dont_load():
     assert unexpected == ["params/extra/bias"]  # no map row takes it
 
 
+def test_a_map_row_without_destination_skips_on_purpose():
+    spec = weights.load_spec("src", into="image", map=(r"extra/.* ->", r"(.*) -> \1"))
+    loaded, missing, unexpected = weights.plan("x", spec, _source(), _target())
+    assert set(loaded["params"]) == {"image/conv/kernel", "image/head/kernel"}
+    assert missing == [] and unexpected == []  # extra/bias skipped, not unexpected
+    weights._check("x", spec, missing, unexpected)  # strict, and nothing to complain about
+
+
 def test_strict_lists_missing_and_unexpected_keys():
     spec = weights.load_spec("src", into="image", dont_load=(r"image/head/.*",))
     source = _source()
