@@ -17,11 +17,12 @@ Presets (`--config=configs/ptunifier.py:PRESET`):
             both ITC paths through the fusion every step).
   tiny      tests and CI: one-layer tiny towers and fusion from scratch, 32 px, 200 studies,
             12 steps.
-  original  the released code's behaviour on the default's model (docs/fidelity.md): frozen
-            pools, ITC off (1 x MLM + 0.5 x ITM), padding as an MLM candidate, the ViT's last
-            block dropped (and not loaded), AdamW (0.9, 0.98) wd 0.01, 10% warm-up then linear
-            decay to 0, x5 lr on heads, fusion and pools, no gradient clipping (the base lr
-            stays ours: the released 1e-5 is for 100k steps from pre-trained towers).
+  original  the released code's behaviour on the default's model (docs/fidelity.md): one
+            random sentence of the report per example and epoch, frozen pools, ITC off
+            (1 x MLM + 0.5 x ITM), padding as an MLM candidate, the ViT's last block dropped
+            (and not loaded), AdamW (0.9, 0.98) wd 0.01, 10% warm-up then linear decay to 0,
+            x5 lr on heads, fusion and pools, no gradient clipping (the base lr stays ours:
+            the released 1e-5 is for 100k steps from pre-trained towers).
 
 The published setting (ViT-B/16 CLIP weights at 288 px, RoBERTa-base, 768-wide fusion, pools
 of 2048 rows with k = 49 / 32, batch 256, 100k steps at lr 1e-5) needs real data and an
@@ -143,6 +144,7 @@ def get_config(arg: str = ""):
             probe.steps = 20
             probe.fractions = (1.0,)
     elif arg == "original":
+        c.data.train_text = "random_sentence"
         m.drop_last_image_block = True
         last = m.image.num_layers - 1
         c.init.image.map = (rf"image/encoder/layer_{last}/.* ->", *c.init.image.map)

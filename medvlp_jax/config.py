@@ -15,6 +15,7 @@ from pathlib import Path
 
 import ml_collections
 
+from medvlp_jax.data import reports
 from medvlp_jax.data.config import default_data_config
 from medvlp_jax.parallel.distributed import default_distributed_config
 
@@ -26,6 +27,7 @@ class ConfigError(ValueError):
 # Fields whose value must come from a fixed set; checked by `check_choices`.
 CHOICES: dict[str, tuple[str, ...]] = {
     "mode": ("train", "eval", "data"),
+    "data.train_text": reports.TRAIN_TEXTS,
     "optim.name": ("adamw", "sgd"),
     "optim.schedule": ("constant", "cosine", "linear", "cosine_restarts"),
     "train.compute_dtype": ("float32", "bfloat16"),

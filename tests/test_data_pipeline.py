@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from medvlp_jax.config import base_config, check_choices
 from medvlp_jax.data.bad_records import BadRecordError
 from medvlp_jax.data.config import default_data_config
 from medvlp_jax.data.pipeline import eval_batches, train_iterator
 from medvlp_jax.data.records import Record
+from medvlp_jax.data.reports import split_sentences
 from medvlp_jax.data.sources import load_records
 from medvlp_jax.data.synthcxr import ensure_synthcxr
 from medvlp_jax.data.tokenize import load_tokenizer, tokenize
@@ -93,6 +95,33 @@ def test_augmentation_switch(base):
     augmented = next(train_iterator(cfg, records, tok, seed=0))
     np.testing.assert_array_equal(augmented["index"], train["index"])
     assert np.abs(augmented["image"] - train["image"]).mean() > 0.01
+
+
+def test_random_sentence_draws_one_sentence_per_example_and_epoch(base):
+    cfg, records, tok = base
+    cfg = _cfg(cfg, train_text="random_sentence", max_text_len=64)
+    epochs = 4
+    steps = epochs * len(records) // cfg.batch_size
+    batches = _take(train_iterator(cfg, records, tok, seed=0), steps)
+    again = _take(train_iterator(cfg, records, tok, seed=0), steps)
+    np.testing.assert_array_equal(_flat(batches, "input_ids"), _flat(again, "input_ids"))
+    drawn: dict[int, set[str]] = {}
+    for index, ids in zip(_flat(batches, "index"), _flat(batches, "input_ids"), strict=True):
+        sentences = split_sentences(records[index].text)
+        encoded = {s: tuple(tokenize(tok, [s], 64)[0][0]) for s in sentences}
+        text = next((s for s, e in encoded.items() if e == tuple(ids)), None)
+        assert text is not None, (records[index].text, tok.decode(ids))
+        drawn.setdefault(int(index), set()).add(text)
+    several = [i for i in drawn if len(split_sentences(records[i].text)) > 2]
+    assert several and sum(len(drawn[i]) > 1 for i in several) > len(several) // 2
+    with pytest.raises(ValueError, match=r"config.data.train_text='sentence'"):
+        check_choices(_with_data(_cfg(cfg, train_text="sentence")))
+
+
+def _with_data(data_cfg):
+    config = base_config()
+    config.data = data_cfg
+    return config
 
 
 def test_determinism_by_seed(base):

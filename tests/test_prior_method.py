@@ -16,11 +16,12 @@ from medvlp_jax import config as config_lib
 from medvlp_jax import train
 from medvlp_jax.data import tokenize
 from medvlp_jax.data.records import Record, missing_labels
+from medvlp_jax.data.reports import split_sentences
 from medvlp_jax.methods.base import get_method
 from medvlp_jax.methods.prior import method as prior
 from medvlp_jax.methods.prior.model import local_tokens, token_map
 from medvlp_jax.methods.prior.reconstruction import SlotDecoder
-from medvlp_jax.methods.prior.sentences import SentenceHook, split_sentences
+from medvlp_jax.methods.prior.sentences import SentenceHook
 from medvlp_jax.models.transformer import TransformerConfig
 from medvlp_jax.parallel.sharding import strip_boxes
 

@@ -360,6 +360,7 @@ def test_original_preset_changes_what_it_documents():
         "optim.warmup_steps",
         "optim.clip_grad_norm",
         "init.image.map",  # the last block's rows skipped
+        "data.train_text",
     }
 
 

@@ -43,6 +43,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     # 'concat' = all non-empty ones joined in this order.
     c.sections = ("findings", "impression")
     c.section_mode = "first"
+    # A training example's text: 'report' (the selected sections) | 'random_sentence' (one
+    # of their sentences, drawn per example and epoch; evaluation keeps the whole text).
+    c.train_text = "report"
     c.min_text_words = 3
     c.frontal_only = True
     # Uncertain (-1) CheXpert labels: 'ones' | 'zeros' | 'ignore' (label_mask 0).

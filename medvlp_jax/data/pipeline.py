@@ -23,7 +23,13 @@ import grain
 import numpy as np
 
 from medvlp_jax.data.records import Record
-from medvlp_jax.data.transforms import EvalImage, Features, ImageSpec, TrainImage
+from medvlp_jax.data.transforms import (
+    EvalImage,
+    Features,
+    ImageSpec,
+    RandomSentence,
+    TrainImage,
+)
 
 
 def records_fingerprint(records: list[Record]) -> str:
@@ -141,6 +147,8 @@ def train_dataset(
     spec = ImageSpec.from_config(data_cfg, augment=True)
     ds = grain.MapDataset.source(RecordSource(records)).seed(seed).shuffle().repeat()
     ds = ds.random_map(TrainImage(spec))
+    if data_cfg.train_text == "random_sentence":
+        ds = ds.random_map(RandomSentence())
     ds = ds.map(Features(tokenizer, data_cfg.max_text_len, data_cfg.uncertain_policy, hooks))
     ds = ds[process_index::process_count]
     return ds.batch(batch, drop_remainder=True)

@@ -6,6 +6,11 @@ import re
 
 SECTIONS = ("findings", "impression")
 SECTION_MODES = ("first", "concat")
+# What a training example's text is: the selected sections, or one sentence of them drawn
+# anew for each example and epoch (PTUnifier's released pre-training).
+TRAIN_TEXTS = ("report", "random_sentence")
+# A sentence ends at '.', '!' or '?' followed by whitespace (or the end of the text).
+_SENTENCE = re.compile(r"\S.*?(?:[.!?](?=\s|$)|$)", re.DOTALL)
 # A header is an upper-case phrase ending in ':' at the start of a line ("FINDINGS:").
 _HEADER = re.compile(r"^[ \t]*([A-Z][A-Z ()/&-]*[A-Z)]):", re.MULTILINE)
 
@@ -50,3 +55,13 @@ def select_text(report: str, sections=SECTIONS, mode: str = "first") -> str:
     if not texts:
         return ""
     return texts[0] if mode == "first" else " ".join(texts)
+
+
+def sentence_starts(text: str) -> list[int]:
+    """Character offsets where the sentences of `text` start (empty text: none)."""
+    return [m.start() for m in _SENTENCE.finditer(text)]
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentences of `text`, stripped, in order."""
+    return [m.group().strip() for m in _SENTENCE.finditer(text)]

@@ -16,6 +16,7 @@ from PIL import Image
 
 from medvlp_jax.data.bad_records import BadRecordError
 from medvlp_jax.data.images import decode
+from medvlp_jax.data.reports import split_sentences
 from medvlp_jax.data.tokenize import TextEncoder
 
 UNCERTAIN_POLICIES = ("ones", "zeros", "ignore")
@@ -176,6 +177,20 @@ class TrainImage(grain.transforms.RandomMap):
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         return {**element, "image": load_image(element["record"].image_path, self.spec, rng)}
+
+
+class RandomSentence(grain.transforms.RandomMap):
+    """Replaces the record's text by one of its sentences, uniformly (`data.train_text=
+    'random_sentence'`); seeded per example, so each epoch draws again. A text of one
+    sentence or none stays as it is."""
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        record = element["record"]
+        sentences = split_sentences(record.text)
+        if len(sentences) < 2:
+            return element
+        text = sentences[rng.integers(len(sentences))]
+        return {**element, "record": dataclasses.replace(record, text=text)}
 
 
 class EvalImage(grain.transforms.Map):

@@ -1,4 +1,5 @@
-"""PRIOR's sentence structure of a report: sentence splitting and per-token sentence indices.
+"""PRIOR's sentence structure of a report: per-token sentence indices (the sentences are
+`data.reports.split_sentences`').
 
 `SentenceHook` is a data hook (`Method.data_hooks`): for each record it tokenises the text as
 the pipeline does (same truncation and padding, so the indices line up with `input_ids`) and
@@ -11,23 +12,12 @@ every report has an embedding.
 from __future__ import annotations
 
 import bisect
-import re
 
 import numpy as np
 
+from medvlp_jax.data.reports import sentence_starts
+
 FIELD = "sentence_ids"
-# A sentence ends at '.', '!' or '?' followed by whitespace (or the end of the text).
-_SENTENCE = re.compile(r"\S.*?(?:[.!?](?=\s|$)|$)", re.DOTALL)
-
-
-def sentence_starts(text: str) -> list[int]:
-    """Character offsets where the sentences of `text` start (empty text: none)."""
-    return [m.start() for m in _SENTENCE.finditer(text)]
-
-
-def split_sentences(text: str) -> list[str]:
-    """The sentences of `text`, stripped, in order."""
-    return [m.group().strip() for m in _SENTENCE.finditer(text)]
 
 
 class SentenceHook:
