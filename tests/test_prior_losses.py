@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
+from medvlp_jax.bench import _prior_torch as prior_torch
 from medvlp_jax.losses.local import local_infonce_loss
 from medvlp_jax.losses.local_alignment import sigmoid_cross_attention, simsiam_loss
 from medvlp_jax.losses.prototypes import prototype_kl_loss, quantization_loss
@@ -52,27 +52,10 @@ def _jax_local(images, texts, mask, w, scale=10.0):
 def _torch_local(images, texts, w, scale=10.0):
     """The released code's per-report loop, on the real sentences of each report only."""
     w = {k: torch.tensor(v) for k, v in w.items()}
-    predict = lambda x: F.relu(x @ w["p1"]) @ w["p2"]
-    image_losses, text_losses = [], []
-    for b, n in enumerate(COUNTS):
-        text = texts[b, :n]
-        text_loss = torch.zeros(())
-        if n:
-            img = images[b]
-            a1 = torch.sigmoid((text @ w["qt"]) @ (img @ w["ki"]).T / np.sqrt(D))
-            c_t = a1 @ (img @ w["vi"])
-            a2 = torch.sigmoid((img @ w["qi"]) @ (text @ w["kt"]).T / np.sqrt(D))
-            c_i = a2 @ (text @ w["vt"])
-            cos = lambda p, z: F.cosine_similarity(p, z.detach(), dim=-1).mean()
-            image_losses.append(-0.5 * (cos(predict(img), c_i) + cos(predict(c_i), img)))
-            za, zb = F.normalize(text, dim=-1), F.normalize(c_t, dim=-1)
-            labels = torch.arange(n)
-            text_loss = 0.5 * (
-                F.cross_entropy(scale * zb @ za.T, labels)
-                + F.cross_entropy(scale * za @ zb.T, labels)
-            )
-        text_losses.append(text_loss)
-    return torch.stack(image_losses).mean(), torch.stack(text_losses).mean()
+    proj = {k: prior_torch.linear(w[k]) for k in prior_torch.LOCAL_PROJECTIONS}
+    predict = prior_torch.mlp(prior_torch.linear(w["p1"]), prior_torch.linear(w["p2"]))
+    sentences = [texts[b, :n] for b, n in enumerate(COUNTS)]
+    return prior_torch.local_losses(images, sentences, proj, predict, scale)
 
 
 def test_local_losses_match_the_loop_form_with_gradients():
@@ -125,12 +108,8 @@ def test_prototype_bank_losses_match_torch_and_ignore_padding():
     value, (gx, gs) = jax.value_and_grad(ours, argnums=(0, 1))(x, slots)
     tx, ts = (torch.tensor(a[mask], requires_grad=True) for a in (x, slots))
     e = torch.tensor(codebook)
-    l_q = (torch.tensor(q[mask]) - tx).abs().mean()
-    # as released: kl_div(log_softmax(pred E^T), log_softmax(x E^T), batchmean, log_target)
-    l_kl = F.kl_div(
-        F.log_softmax(ts @ e.T, -1), F.log_softmax(tx @ e.T, -1), reduction="batchmean",
-        log_target=True,
-    )  # fmt: skip
+    l_q = prior_torch.quantization_loss(torch.tensor(q[mask]), tx)
+    l_kl = prior_torch.prototype_kl(tx, ts, e)
     (l_q + l_kl).backward()
     np.testing.assert_allclose(float(value), (l_q + l_kl).item(), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(gx)[mask], tx.grad.numpy(), rtol=1e-4, atol=1e-7)

@@ -179,26 +179,37 @@ def _forward(model: PriorModel, batch, num_sentences: int, gumbel, train: bool) 
     raw, mask = model.encode_sentences(
         batch["input_ids"], batch["attention_mask"], batch[FIELD], num_sentences, train=train
     )
-    sentences = model.quantize(raw, gumbel) if model.prototypes else raw
-    ctx = model.cross_attend(img["local"], sentences, mask)
-    out = {
-        "local": img["local"],
-        "global_image": img["global"],
-        "raw_sentences": raw,
+    out = head_features(model, img["local"], img["global"], raw, mask, gumbel)
+    if model.reconstruction:
+        out["recon"] = model.reconstruct_image(img["local"], out["c_image"], train=train)
+        out["slots"] = model.generate_slots(img["local"], train=train)
+    return out
+
+
+def head_features(
+    model: PriorModel, local, global_image, raw_sentences, mask, gumbel: jax.Array | None
+) -> dict:
+    """The features of `Prior.features` that PRIOR's heads compute from the towers' outputs
+    (all but recon and slots): the bank (when on, Gumbel noise from `gumbel`), the local
+    cross-attention, the predictor and the report pool. Call through `model.apply(...,
+    method=head_features)`; local [B, N, E], global_image [B, E], raw_sentences [B, S, E],
+    mask [B, S]."""
+    sentences = model.quantize(raw_sentences, gumbel) if model.prototypes else raw_sentences
+    ctx = model.cross_attend(local, sentences, mask)
+    return {
+        "local": local,
+        "global_image": global_image,
+        "raw_sentences": raw_sentences,
         "sentences": sentences,
         "mask": mask,
         "global_text": model.pool_text(sentences, mask),
         "c_text": ctx["c_text"],
         "c_image": ctx["c_image"],
-        "p_local": model.predict(img["local"]),
+        "p_local": model.predict(local),
         "p_context": model.predict(ctx["c_image"]),
         "log_scale": model.log_scale,
         "local_log_scale": model.local_log_scale,
     }
-    if model.reconstruction:
-        out["recon"] = model.reconstruct_image(img["local"], ctx["c_image"], train=train)
-        out["slots"] = model.generate_slots(img["local"], train=train)
-    return out
 
 
 def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
@@ -287,9 +298,15 @@ class Prior(Method):
         }
 
     def loss(self, variables, batch, rng, train):
-        m = self.config.model
         forward_rng, gumbel = jax.random.split(rng)
         f, state = self.features(variables, batch, forward_rng, train)
+        total, metrics = self.loss_from_features(variables, batch, f, gumbel)
+        return total, metrics, state
+
+    def loss_from_features(self, variables, batch, f: dict, rng) -> tuple[jax.Array, dict]:
+        """(the weighted loss of the terms that are on, metrics) from `features` `f`; `rng`:
+        the reconstruction losses' Gumbel noise; of `batch` only L_img reads 'image'."""
+        m = self.config.model
         scale, local_scale = self._scale(f["log_scale"]), self._scale(f["local_log_scale"])
         global_loss, global_metrics = clip_loss(f["global_image"], f["global_text"], scale)
         has_text = jnp.any(f["mask"], axis=1)
@@ -303,7 +320,7 @@ class Prior(Method):
         if m.prototypes:
             terms["proto"] = quantization_loss(f["sentences"], f["raw_sentences"], f["mask"])
         if m.reconstruction:
-            terms.update(self.reconstruction_losses(variables, batch, f, gumbel, scale))
+            terms.update(self.reconstruction_losses(variables, batch, f, rng, scale))
         total = sum(getattr(m, f"{name}_weight") * value for name, value in terms.items())
         metrics = {TERMS[name]: value for name, value in terms.items()}
         metrics.update(
@@ -313,7 +330,7 @@ class Prior(Method):
             local_logit_scale=local_scale,
             sentences_per_report=jnp.mean(jnp.sum(f["mask"], axis=1)),
         )
-        return total, metrics, state
+        return total, metrics
 
     # --- evaluation ----------------------------------------------------------------------
 
