@@ -33,6 +33,11 @@ print("UNEXPECTED: initialized", flush=True)
 """
 
 
+# The 1 s timeout is honoured when the child gives up well before the default (120 s); the
+# slack covers JAX's start-up on a loaded machine (7 s measured with 4 jobs on 2 cores).
+SLACK_S = 30.0
+
+
 def _unused_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,11 +67,11 @@ def _run(process_id: int, timeout_s: float) -> tuple[str, float, str]:
 
 def test_unreachable_coordinator_times_out_naming_the_address():
     address, elapsed, error = _run(process_id=1, timeout_s=1.0)
-    assert 1.0 <= elapsed < 6.0
+    assert 1.0 <= elapsed < SLACK_S
     assert f"could not reach coordinator {address} within 1 s (process 1 of 2)" in error
 
 
 def test_coordinator_waits_for_missing_processes_then_fails():
     address, elapsed, error = _run(process_id=0, timeout_s=1.0)
-    assert 1.0 <= elapsed < 6.0
+    assert 1.0 <= elapsed < SLACK_S
     assert f"not all processes joined coordinator {address} within 1 s (process 0 of 2)" in error
