@@ -86,13 +86,13 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def stage_config(path: str, overrides: list[str]):
-    """The run config of the config's last stage (the one with every loss term)."""
+def last_stage(path: str, overrides: list[str]):
+    """The config's last stage (the one with every loss term): a `stages.Stage`."""
     from medvlp_jax import stages
 
     config = config_lib.apply_overrides(config_lib.load_config_file(path), overrides)
-    last = stages.resolve(config)[-1].config
-    m = last.model
+    last = stages.resolve(config)[-1]
+    m = last.config.model
     if not (m.prototypes and m.reconstruction):
         raise SystemExit(f"{path}: the last stage has model.prototypes/reconstruction off")
     if m.matching_includes_padding or m.faithful_matching_index:
@@ -326,7 +326,8 @@ def main(argv: list[str]) -> dict:
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    config = stage_config(args.config, args.set)
+    stage = last_stage(args.config, args.set)
+    config = stage.config
     sz = sizes(config)
     inputs, structure = make_inputs(sz, args.seed)
     jax_run, params, noise = jax_side(config, inputs, structure, args.seed)
@@ -352,7 +353,7 @@ def main(argv: list[str]) -> dict:
         "bench": "prior",
         "config": args.config,
         "overrides": args.set,
-        "stage": "reconstruction",
+        "stage": stage.name,
         "sizes": sz,
         "counts": {
             "min": int(counts.min()),
