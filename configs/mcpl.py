@@ -20,7 +20,6 @@ Presets (`--config=configs/mcpl.py:PRESET`):
 from pathlib import Path
 
 from medvlp_jax.config import base_config, load_config_file
-from medvlp_jax.methods.mcpl.downstream import default_downstream_config
 from medvlp_jax.methods.mcpl.method import default_model_config
 from medvlp_jax.weights import load_spec
 
@@ -47,7 +46,6 @@ def get_config(arg: str = ""):
     c.data = backbone.data.copy_and_resolve_references()
     c.model = default_model_config()
     c.evals = backbone.evals.copy_and_resolve_references()
-    c.downstream = default_downstream_config()
 
     # CPU budget: `bench quality` tunes 4 variants after the backbone, so each gets ~1 epoch
     # of SynthCXR (60 steps of 32) and a lighter evaluation than configs/clip.py's.
@@ -79,9 +77,6 @@ def get_config(arg: str = ""):
         c.train.log_every = 1
         c.train.eval_every = 2
         c.train.checkpoint_every = 1
-        c.downstream.hidden = 16
-        c.downstream.epochs = 3
-        c.downstream.batch_size = 16
     elif arg == "base":
         # The published optimisation: SGD, warm-up 10% from 5e-6, cosine to 5e-6, batch 64,
         # 10 epochs (set train.num_steps to 10 epochs of your data).

@@ -124,6 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.evals.retrieval.enabled = True
     c.evals.retrieval.max_examples = 1000
     c.evals.retrieval.rerank_k = 0  # > 0: pred.pair re-ranks the embeddings' top-k
+    # Class Precision@K both ways on the zero-shot (5x200) set, with embeddings; () = off
+    # (sources without a zero-shot list, e.g. ROCO without data.zero_shot_csv).
+    c.evals.retrieval.precision_at = (1, 5, 10)
     c.evals.linear_probe = ml_collections.ConfigDict()
     c.evals.linear_probe.type = "linear_probe"
     c.evals.linear_probe.enabled = True

@@ -19,7 +19,7 @@ import ml_collections
 
 from medvlp_jax import config as config_lib
 from medvlp_jax.config import ConfigError
-from medvlp_jax.data.config import resolve_cache_dir
+from medvlp_jax.data.config import default_data_config, resolve_cache_dir
 
 # Data fields that say where data lives and how it loads, not what the weights learn from.
 _DATA_LOCATION = ("cache_dir", "num_workers", "prefetch")
@@ -37,8 +37,7 @@ def run_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.C
 
 def run_dir(config: ml_collections.ConfigDict, name: str) -> Path:
     """`<cache>/runs/<name>-<hash>`: sha1 over the prerequisite's method, seed, model, optim,
-    stages, step count, compute dtype and data (less where the data lives and how it is
-    loaded); evaluation,
+    stages, step count, compute dtype and data (the fields `_data_key` keeps); evaluation,
     logging and checkpoint settings do not count."""
     run = config.prerequisites[name].to_dict()
     key = {
@@ -46,10 +45,26 @@ def run_dir(config: ml_collections.ConfigDict, name: str) -> Path:
         "num_steps": run["train"]["num_steps"],
         "train_stages": run["train"]["stages"],
         "compute_dtype": run["train"]["compute_dtype"],
-        "data": {k: v for k, v in run["data"].items() if k not in _DATA_LOCATION},
+        "data": _data_key(run["data"]),
     }
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
     return resolve_cache_dir(config.data.cache_dir) / "runs" / f"{name}-{digest[:12]}"
+
+
+def _data_key(data: dict) -> dict:
+    """The data fields that decide the weights: less where the data lives and how it loads,
+    and less the fields at their default, so that a data option added later (at a default
+    that changes nothing) leaves the hashes of existing runs alone."""
+    defaults = default_data_config().to_dict()
+    return {
+        k: v
+        for k, v in data.items()
+        if k not in _DATA_LOCATION and (k not in defaults or _plain(v) != _plain(defaults[k]))
+    }
+
+
+def _plain(value):
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
 def finished(run_cfg: ml_collections.ConfigDict, folder: Path) -> bool:

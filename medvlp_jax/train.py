@@ -563,10 +563,14 @@ def _loop(ctx: RunContext, run_: StageRun, state: TrainState) -> tuple[TrainStat
     return state, eval_metrics, stopped
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: Path, step: int = -1) -> dict:
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict, workdir: Path, step: int = -1, output: str = ""
+) -> dict:
     """`mode=eval`: evaluates the checkpoint of `workdir` at `step` (-1: the latest) with the
     config of the stage that wrote it; prints the metrics, appends them to metrics.jsonl and
-    writes `eval_<step>.json`. Trains nothing."""
+    writes `eval_<step>.json`. With `output` (a file name) the metrics go to WORKDIR/output
+    instead, and metrics.jsonl is left alone (a downstream run's final test evaluation).
+    Trains nothing."""
     ctx = _prepare(config, Path(workdir), announce=False)
     try:
         available = ctx.ckpt.all_steps()
@@ -583,10 +587,15 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: Path, step: 
             console.say(f"evaluating the checkpoint at step {step} (stage '{stage.name}')")
             evaluator = evaluate.Evaluator(stage.config, method, ctx.mesh, ctx.tokenizer)
             metrics = evaluator.run(state)
-        ctx.writer.write(step, metrics)
+        if not output:
+            ctx.writer.write(step, metrics)
         if jax.process_index() == 0:
-            (ctx.workdir / f"eval_{step}.json").write_text(json.dumps(metrics, indent=2))
-        console.say(console.metrics_table(f"evaluation at step {step}", metrics))
+            target = ctx.workdir / (output or f"eval_{step}.json")
+            target.write_text(
+                json.dumps({"step": step, **metrics} if output else metrics, indent=2)
+            )
+        title = f"{'test ' if output else ''}evaluation at step {step}"
+        console.say(console.metrics_table(title, metrics))
         return metrics
     finally:
         ctx.ckpt.close()

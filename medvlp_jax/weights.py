@@ -44,6 +44,7 @@ from absl import logging
 from medvlp_jax import checkpointing
 from medvlp_jax.config import ConfigError
 from medvlp_jax.optim import param_paths
+from medvlp_jax.parallel.sharding import strip_boxes
 
 # The collections a load may write (those a train state saves).
 COLLECTIONS = tuple(checkpointing.VARIABLE_ITEMS)
@@ -280,3 +281,14 @@ def changed_loads(previous: ml_collections.ConfigDict | None, current) -> list[s
     if previous is None:
         return names
     return [n for n in names if n not in previous or previous[n].to_dict() != current[n].to_dict()]
+
+
+def run_variables(method, workdir: Path, example: dict) -> dict:
+    """`{'params'[, 'batch_stats']}` (host arrays) of `method`'s run in `workdir`, its latest
+    checkpoint, loaded strictly; `example` is a batch (arrays or `ShapeDtypeStruct`s) fixing
+    the input shapes."""
+    abstract = strip_boxes(jax.eval_shape(method.init, jax.random.PRNGKey(0), example))
+    abstract = {k: v for k, v in abstract.items() if k in COLLECTIONS}
+    whole_run = ml_collections.ConfigDict({"run": load_spec(str(workdir))})
+    loaded, _ = loaded_leaves(whole_run, flatten(abstract), method, run_resolver(method.config))
+    return overwrite(abstract, loaded)

@@ -37,7 +37,10 @@ def test_every_config_and_tiny_preset_loads(path):
     for spec in (str(path), f"{path}:tiny"):
         config = config_lib.load_config_file(spec)
         config_lib.check_choices(config)
-        assert config.method == path.stem
+        if config.method == "downstream":
+            assert config.downstream.task == path.stem
+        else:
+            assert config.method == path.stem
 
 
 def test_json_round_trip_restores_tuples():
@@ -64,3 +67,28 @@ def test_cli_rejects_mistyped_key_before_any_work(tmp_path):
     assert result.returncode != 0
     assert "did you mean --config.data.batch_size" in result.stderr
     assert not (tmp_path / "config.json").exists()
+
+
+def test_prerequisite_hash_counts_data_fields_only_off_their_default(monkeypatch):
+    from medvlp_jax import prerequisites
+    from medvlp_jax.data import config as data_config
+
+    config = config_lib.load_config_file(str(ROOT / "configs/mcpl.py"))
+    before = prerequisites.run_dir(config, "backbone")
+    config.prerequisites.backbone.data.label_fraction = 0.1
+    assert prerequisites.run_dir(config, "backbone") != before  # trains on other data
+    config.prerequisites.backbone.data.label_fraction = 1.0
+    assert prerequisites.run_dir(config, "backbone") == before
+    # A data option added later, at a default that changes nothing, keeps cached runs valid.
+    defaults = data_config.default_data_config
+
+    def with_new_field():
+        c = defaults()
+        c.new_option = "off"
+        return c
+
+    monkeypatch.setattr(prerequisites, "default_data_config", with_new_field)
+    config.prerequisites.backbone.data.new_option = "off"
+    assert prerequisites.run_dir(config, "backbone") == before
+    config.prerequisites.backbone.data.new_option = "on"
+    assert prerequisites.run_dir(config, "backbone") != before

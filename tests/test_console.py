@@ -63,7 +63,9 @@ def test_console_is_short_and_says_what_happens(run):
     assert [line.split()[1] for line in steps] == [f"{s}/{STEPS}" for s in (2, 4, 6, 8)]
     assert all(re.search(r"loss \d+\.\d{4}  lr \S+  [\d.]+ ex/s  ETA \d+s$", s) for s in steps)
     table = text.split(f"evaluation at step {STEPS}:\n")[1].splitlines()
-    assert table[0].split()[0] == "i2t_R@1" and float(table[0].split()[1]) >= 0.0
+    assert table[0].split()[0] == "i2t_P@1" and float(table[0].split()[1]) >= 0.0
+    recall = next(row.split() for row in table if row.split()[0] == "i2t_R@1")
+    assert 0.0 <= float(recall[1]) <= 1.0
     # Library INFO chatter stays out of both streams.
     assert not ABSL_INFO.search(text) and not ABSL_INFO.search(run.trained.stderr)
     assert "orbax" not in run.trained.stderr.lower()

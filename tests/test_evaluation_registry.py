@@ -85,7 +85,7 @@ def test_metric_keys_as_before(setup):
     _, metrics = _run(setup, _config())
     at = ("1", "5", "10")
     expected = {"zero_shot_acc", "zero_shot_macro_f1"}
-    expected |= {f"{d}_R@{k}" for d in ("i2t", "t2i") for k in at}
+    expected |= {f"{d}_{m}@{k}" for d in ("i2t", "t2i") for m in ("R", "P") for k in at}
     assert set(metrics) == {f"eval/synthcxr/{k}" for k in expected}
 
 
@@ -110,7 +110,7 @@ def test_unknown_type_pred_role_and_fields_fail_at_construction(setup):
         build(edit=lambda c: c.evals.zero_shot.update(pred={"img": "embed_image"}))
     with pytest.raises(ConfigError, match=r"evals\.retrieval: unknown fields \['rerank'\]"):
         build(edit=lambda c: c.evals.retrieval.update(rerank=3))
-    with pytest.raises(ConfigError, match=r"missing fields \['rerank_k'\]"):
+    with pytest.raises(ConfigError, match=r"missing fields \['precision_at', 'rerank_k'\]"):
         build(edit=lambda c: c.evals.update(r2={"type": "retrieval", "max_examples": 8}))
     with pytest.raises(ConfigError, match=r"evals\.retrieval: rerank_k > 0 goes with"):
         build("evals.retrieval.rerank_k=5")
@@ -130,7 +130,7 @@ def test_two_evals_of_one_type(setup):
     config.evals.retrieval_small = config.evals.retrieval.copy_and_resolve_references()
     config.evals.retrieval_small.max_examples = 16
     evaluator, metrics = _run(setup, config)
-    assert len(metrics) == 12
+    assert len(metrics) == 24  # 6 R@K + 6 P@K per retrieval eval, and 2 of them
     emb = evaluator.embed_records(setup[2].variables(), evaluator.records("test")[:16])
     texts = [r.text for r in evaluator.records("test")[:16]]
     gt = np.array([[a == b for b in texts] for a in texts])
@@ -175,7 +175,7 @@ def test_pair_score_retrieval_equals_embedding_retrieval(setup):
     }
     config.evals.reranked.rerank_k = 3
     _, metrics = _run(setup, config)
-    plain = {k.rsplit("/", 1)[1]: v for k, v in metrics.items() if k.count("/") == 2}
+    plain = {k.rsplit("/", 1)[1]: v for k, v in metrics.items() if k.count("/") == 2 and "_R@" in k}
     assert len(plain) == 6 and plain["i2t_R@10"] > 0  # not trivially equal
     for name in ("pairs", "reranked"):
         for key, value in plain.items():

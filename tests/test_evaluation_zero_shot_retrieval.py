@@ -1,9 +1,18 @@
 """Zero-shot classification and retrieval Recall@K on constructed embeddings with known answers."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
-from medvlp_jax.evaluation.retrieval import relevance_matrix, retrieval_metrics
+from medvlp_jax.evaluation import retrieval
+from medvlp_jax.evaluation.metrics import l2_normalize
+from medvlp_jax.evaluation.retrieval import (
+    class_precision_metrics,
+    precision_at_k,
+    relevance_matrix,
+    retrieval_metrics,
+)
 from medvlp_jax.evaluation.zero_shot import class_embeddings, zero_shot_classify
 
 
@@ -108,3 +117,88 @@ def test_retrieval_several_texts_per_image_and_ties():
         retrieval_metrics(img, txt, np.array([0, 1, 5, 0, 0, 0]))
     with pytest.raises(ValueError, match="identity"):
         retrieval_metrics(img, txt)
+
+
+def test_precision_at_k_by_hand_with_ties():
+    sim = np.array([[0.5, 0.9, 0.5, 0.1], [0.2, 0.2, 0.2, 0.3]])
+    items, queries = np.array([0, 1, 1, 0]), np.array([0, 1])
+    # Query 0 (class 0): item 1, then the 0.5 tie in index order: items 0, 2, then 3 ->
+    # classes 1, 0, 1, 0 -> hits 0, 1, 0, 1. Query 1 (class 1): item 3, then the tie 0, 1, 2
+    # -> classes 0, 0, 1, 1 -> hits 0, 0, 1, 1. (Ties broken by the higher index instead:
+    # query 0 P@2 = 0, query 1 P@2 = 1/2 and P@3 = 2/3, so the mean P@3 would be 1/2.)
+    res = precision_at_k(sim, queries, items, ks=(1, 2, 3, 4))
+    assert res[1] == 0.0
+    assert res[2] == pytest.approx((1 / 2 + 0) / 2)
+    assert res[3] == pytest.approx((1 / 3 + 1 / 3) / 2)
+    assert res[4] == pytest.approx((2 / 4 + 2 / 4) / 2)
+    flipped = precision_at_k(sim[:, ::-1], queries, items[::-1], ks=(3,))
+    assert flipped[3] == pytest.approx((1 / 3 + 2 / 3) / 2)  # reversed items: the other order
+    with pytest.raises(ValueError, match="exceed"):
+        precision_at_k(sim, queries, items, ks=(5,))
+    with pytest.raises(ValueError, match=r"\[Q=3, M=4\]"):
+        precision_at_k(sim, np.array([0, 1, 1]), items)
+
+
+class _FakeContext:
+    """The evaluator context `retrieval.run` uses, on records carrying their embeddings:
+    `predict_records` looks the role's attribute up, `predict_pairs` returns cosines."""
+
+    def __init__(self, test, five, labels, all_test=None):
+        self.test, self.five, self.labels = test, five, labels
+        self.all_test = test if all_test is None else all_test
+
+    def records(self, split):
+        assert split == "test"
+        return self.all_test
+
+    def zero_shot_records(self):
+        return self.five, self.labels
+
+    def predict_records(self, records, fns):
+        return {role: np.stack([getattr(r, name) for r in records]) for role, name in fns.items()}
+
+    def predict_pairs(self, records, pairs, fn):
+        img, txt = (
+            l2_normalize(np.stack([getattr(r, a) for r in records])) for a in ("img", "txt")
+        )
+        return np.sum(img[pairs[:, 0]] * txt[pairs[:, 1]], axis=1)
+
+
+def test_retrieval_run_adds_precision_on_the_zero_shot_set():
+    rng = np.random.default_rng(2)
+
+    def record(text, path):
+        return SimpleNamespace(
+            text=text, image_path=path, img=rng.normal(size=6), txt=rng.normal(size=6)
+        )
+
+    test = [record(f"report {i % 5}", f"t{i}") for i in range(8)]
+    test += [record(f"five {i}", f"f{i}") for i in range(12)]
+    # The zero-shot list is loaded image-only (no text): its images' test records are used,
+    # and an image without a test record (f12) is left out.
+    listed = [SimpleNamespace(text="", image_path=f"f{i}") for i in range(13)]
+    labels = np.append(np.repeat(np.arange(4), 3), 3)
+    ctx = _FakeContext(test[:8], listed, labels, test)
+    five, labels = test[8:], labels[:12]
+    cfg = SimpleNamespace(max_examples=6, rerank_k=0, precision_at=(1, 5, 10))
+    res = retrieval.run(ctx, {"image": "img", "text": "txt"}, cfg)
+    recall = {f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+    precision = {f"{d}_P@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+    assert set(res) == recall | precision
+    img, txt = (np.stack([getattr(r, a) for r in five]) for a in ("img", "txt"))
+    assert {k: res[k] for k in precision} == class_precision_metrics(img, txt, labels)
+    sim = img @ txt.T / np.outer(np.linalg.norm(img, axis=1), np.linalg.norm(txt, axis=1))
+    for k in (1, 5, 10):
+        assert res[f"i2t_P@{k}"] == pytest.approx(precision_at_k(sim, labels, labels)[k])
+        assert res[f"t2i_P@{k}"] == pytest.approx(precision_at_k(sim.T, labels, labels)[k])
+    assert res["i2t_P@1"] != res["t2i_P@1"] or res["i2t_P@5"] != res["t2i_P@5"]
+    pairs_only = retrieval.run(ctx, {"pair": "pair"}, cfg)  # pair scoring: no embeddings
+    assert set(pairs_only) == recall
+    for key in recall:
+        assert pairs_only[key] == pytest.approx(res[key])
+    cfg.precision_at = ()  # off
+    assert set(retrieval.run(ctx, {"image": "img", "text": "txt"}, cfg)) == recall
+    cfg.precision_at = (1,)
+    unlisted = _FakeContext(test[:8], [SimpleNamespace(text="", image_path="x")], labels[:1])
+    with pytest.raises(ValueError, match=r"precision_at=\(\)"):
+        retrieval.run(unlisted, {"image": "img", "text": "txt"}, cfg)

@@ -15,10 +15,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from medvlp_jax import optim, prerequisites, train, weights
-from medvlp_jax.config import apply_overrides, load_config_file
+from medvlp_jax.config import apply_overrides, load_config_file, to_json
 from medvlp_jax.data.tokenize import default_tokenizer_path
+from medvlp_jax.downstream import runner
 from medvlp_jax.methods.base import get_method
-from medvlp_jax.methods.mcpl import downstream
 from medvlp_jax.methods.mcpl.model import McplModel
 from medvlp_jax.models.builders import build_image_tower, build_text_tower, tower_config
 from medvlp_jax.models.clip import CLIPModel
@@ -109,7 +109,7 @@ def test_image_only_inference_uses_the_keyword_predictor(tiny_run):
     config = tiny_run.config
     method = get_method(config)
     batch = _batch(config, method)
-    variables = downstream.load_variables(method, tiny_run.workdir, batch)
+    variables = weights.run_variables(method, tiny_run.workdir, batch)
     model = method.model
 
     b = batch["image"].shape[0]
@@ -130,15 +130,6 @@ def test_image_only_inference_uses_the_keyword_predictor(tiny_run):
     np.testing.assert_allclose(predicted[b:], predicted[:b], rtol=1e-5, atol=1e-6)  # no report
     np.testing.assert_allclose(z[:b], predicted[:b], rtol=1e-5, atol=1e-6)  # = predicted words
     assert not np.allclose(z[b:], predicted[:b])  # the keywords do reach the image side
-
-
-def test_downstream_classification(tiny_run):
-    config = apply_overrides(tiny_run.config, ["downstream.max_train_examples=64"])
-    results = downstream.run(config, tiny_run.workdir)
-    for fraction in ("0.01", "0.1", "1"):
-        assert 0.0 <= results[f"downstream_auroc@{fraction}"] <= 1.0
-        assert 0.0 <= results[f"downstream_val_auroc@{fraction}"] <= 1.0
-        assert 1 <= results[f"downstream_epoch@{fraction}"] <= tiny_run.config.downstream.epochs
 
 
 MCPL_PARAMS = {
@@ -260,3 +251,17 @@ def test_hugging_face_clip_folder_as_backbone(tmp_path):
     prompted = get_method(apply_overrides(config, ["model.prompt_depth=2"]))
     abstract = jax.eval_shape(prompted.init, jax.random.PRNGKey(0), _abstract_batch(config))
     assert set(abstract["params"]) == MCPL_PARAMS
+
+
+def test_downstream_runner_on_the_prompted_encoder(tiny_run, tmp_path):
+    """MCPL's downstream classification (its MLP head on the frozen prompted image encoder)
+    is the shared runner's."""
+    (tiny_run.workdir / "config.json").write_text(to_json(tiny_run.config))
+    overrides = ["downstream.head_hidden=16", "train.num_steps=2"]
+    config = runner.build_config("classification:tiny", tiny_run.workdir, 1.0, overrides)
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = runner.run(config, tmp_path)
+    assert 0.0 <= result["eval/synthcxr/auroc"] <= 1.0
+    table = (tmp_path / "parameters.txt").read_text()
+    assert "head/bn0/scale" in table and "encoder/backbone/" in table
+    assert all("frozen" in row for row in table.splitlines() if row.startswith("encoder/"))

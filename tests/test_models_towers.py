@@ -51,9 +51,18 @@ def _build(name: str, size: str = "tiny", **overrides):
                 "normed_tokens": (2, 17, 32),
                 "pooled": (2, 16),
                 "pooler_output": (2, 32),
+                "pyramid": ((2, 4, 4, 32),),
             },
         ),
-        ("resnet50", {"tokens": (2, 4, 2048), "pooled": (2, 2048), "feature_map": (2, 2, 2, 2048)}),
+        (
+            "resnet50",
+            {
+                "tokens": (2, 4, 2048),
+                "pooled": (2, 2048),
+                "feature_map": (2, 2, 2, 2048),
+                "pyramid": ((2, 16, 16, 256), (2, 8, 8, 512), (2, 4, 4, 1024), (2, 2, 2, 2048)),
+            },
+        ),
         ("bert", {"tokens": (2, 8, 32), "pooled": (2, 32), "pooler_output": (2, 32)}),
         ("roberta", {"tokens": (2, 8, 32), "pooled": (2, 32), "pooler_output": (2, 32)}),
         ("clip_text", {"tokens": (2, 16, 32), "pooled": (2, 16), "pooler_output": (2, 32)}),
@@ -64,7 +73,8 @@ def test_built_towers_follow_the_output_contract(name, expected):
     args = tower.example_inputs(2)
     abstract = jax.eval_shape(lambda: tower.init(jax.random.key(0), *args))
     out = jax.eval_shape(lambda v: tower.apply(v, *args), abstract)
-    assert {k: v.shape for k, v in out.items()} == expected
+    shape = lambda v: tuple(m.shape for m in v) if isinstance(v, tuple) else v.shape
+    assert {k: shape(v) for k, v in out.items()} == expected
 
     # Every parameter carries one logical axis name per dimension, from the documented set.
     boxes = jax.tree.leaves(abstract["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -195,7 +205,7 @@ def test_vit_resnet_stem_is_the_resnet_trunk_through_layer3():
         got = tower.apply(
             variables,
             images,
-            method=lambda m, x, t=train: m.patch_embed(x, t),
+            method=lambda m, x, t=train: m.patch_embed(x, t)[0],
             mutable=["batch_stats"] if train else False,
         )
         got = got[0] if train else got

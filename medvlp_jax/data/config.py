@@ -34,6 +34,16 @@ def default_data_config() -> ml_collections.ConfigDict:
     # at most 200 (40 for the default 2000 studies).
     c.synthcxr.zero_shot_per_class = 0
 
+    # Label fraction: the share of the training split used (downstream fine-tuning reports
+    # 0.01 / 0.1 / 1.0). < 1 or a split_dir set keeps only the training records listed in
+    # <split_dir>/train_<100 * fraction>.txt (0.05 -> train_5.txt; 1.0 -> train_100.txt,
+    # else BenchX's train.txt), one image per line (MIMIC layout: the dicom_id / file stem;
+    # manifest: the image path as the manifest writes it). Validation and test stay whole.
+    c.label_fraction = 1.0
+    # The folder of those lists; '' = for synthcxr <tree>/splits (train_1, train_10 and
+    # train_100.txt, generated on first use); other sources need it when label_fraction < 1.
+    c.split_dir = ""
+
     # Zero-shot list for real sources: a csv (dicom_id or image column + label column with a
     # FIVE_CLASSES name); '' = build a balanced list from the test split's labels.
     c.zero_shot_csv = ""

@@ -1,7 +1,8 @@
 """Entry points of the data layer: records of a split and the zero-shot set, by source.
 
 Sources (`data.source`): 'synthcxr' (generated into the cache on first use, then read by
-the MIMIC reader), 'mimic', 'roco', 'manifest'.
+the MIMIC reader), 'mimic', 'roco', 'manifest'. The training split can be cut to a label
+fraction (`data.label_fraction`, `data.split_dir`; see `label_fractions`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,18 @@ from pathlib import Path
 import numpy as np
 
 from medvlp_jax.data.bad_records import BadRecordReport
-from medvlp_jax.data.manifest import load_manifest
-from medvlp_jax.data.mimic import load_mimic
+from medvlp_jax.data.config import default_data_config
+from medvlp_jax.data.label_fractions import (
+    SPLITS_DIR,
+    SYNTHCXR_PERCENTS,
+    filter_by_list,
+    list_name,
+    read_split_list,
+    split_list_path,
+    write_synthcxr_splits,
+)
+from medvlp_jax.data.manifest import load_manifest, manifest_path, read_rows
+from medvlp_jax.data.mimic import SPLIT, load_mimic, read_csv
 from medvlp_jax.data.records import CHEXPERT_CLASSES, FIVE_CLASSES, Record, missing_labels
 from medvlp_jax.data.roco import load_roco
 from medvlp_jax.data.synthcxr import ZERO_SHOT_CSV, ensure_synthcxr
@@ -46,6 +57,20 @@ def _validate(data_cfg) -> None:
         )
     if data_cfg.source != "synthcxr" and not data_cfg.root:
         raise ValueError(f"data.root must be set for data.source={data_cfg.source!r}")
+    fraction = data_cfg.label_fraction
+    if not 0 < fraction <= 1:
+        raise ValueError(f"data.label_fraction must be in (0, 1], got {fraction!r}")
+    if _uses_label_list(data_cfg) and data_cfg.source == "roco":
+        raise ValueError("data.label_fraction/data.split_dir: data.source='roco' has no labels")
+    if _uses_label_list(data_cfg) and data_cfg.source != "synthcxr" and not data_cfg.split_dir:
+        raise ValueError(
+            f"data.label_fraction={fraction} with data.source={data_cfg.source!r} needs "
+            "data.split_dir: a folder of train_<percent>.txt lists"
+        )
+
+
+def _uses_label_list(data_cfg) -> bool:
+    return data_cfg.label_fraction < 1 or bool(data_cfg.split_dir)
 
 
 def _load(data_cfg, split: str, report: BadRecordReport, require_text: bool = True) -> list[Record]:
@@ -67,6 +92,60 @@ def _load(data_cfg, split: str, report: BadRecordReport, require_text: bool = Tr
     return load_manifest(data_cfg, split, report)
 
 
+def _synthcxr_split_dir(data_cfg) -> Path:
+    """`<tree>/splits`, its lists written on first use from the tree's training records as
+    the default data config loads them (frontal images), whatever this config filters."""
+    root = synthcxr_root(data_cfg)
+    folder = root / SPLITS_DIR
+    if not all((folder / list_name(p)).is_file() for p in SYNTHCXR_PERCENTS):
+        log.info("Writing SynthCXR label-fraction lists into %s", folder)
+        train = load_mimic(
+            default_data_config(),
+            "train",
+            BadRecordReport(),
+            root=root,
+            reports_root=str(root / "reports" / "files"),
+        )
+        write_synthcxr_splits(train, root, data_cfg.synthcxr.seed)
+    return folder
+
+
+def _label_subset(data_cfg, records: list[Record], report: BadRecordReport) -> list[Record]:
+    """The training records listed for data.label_fraction: MIMIC-layout sources match the
+    file stem of each line (the dicom_id), manifests the image path as the manifest writes
+    it (relative to its folder)."""
+    if data_cfg.split_dir:
+        folder = Path(data_cfg.split_dir).expanduser()
+    else:
+        folder = _synthcxr_split_dir(data_cfg)
+    path = split_list_path(folder, data_cfg.label_fraction)
+    entries = read_split_list(path)
+    if data_cfg.source == "manifest":
+        manifest = manifest_path(Path(data_cfg.root).expanduser(), "train")
+        resolve = lambda image: str(manifest.parent / image)
+        listed = [resolve(e) for e in entries]
+        record_id = lambda r: r.image_path
+        rows = read_rows(manifest)
+        train_ids = {resolve(r["image"]) for r in rows if r.get("split", "train") == "train"}
+    else:
+        if data_cfg.source == "synthcxr":
+            root = synthcxr_root(data_cfg)
+        else:
+            root = Path(data_cfg.root).expanduser()
+        listed = [Path(e).stem for e in entries]
+        record_id = lambda r: Path(r.image_path).stem
+        rows = read_csv(root, SPLIT, ("dicom_id", "split"))
+        train_ids = {r["dicom_id"] for r in rows if r["split"] == "train"}
+    return filter_by_list(
+        records,
+        listed,
+        record_id=record_id,
+        train_ids=train_ids,
+        list_path=path,
+        report=report,
+    )
+
+
 def load_records(data_cfg, split: str, report: BadRecordReport | None = None) -> list[Record]:
     """Records of `split` ('train' | 'validate' | 'test') of the configured source.
 
@@ -77,7 +156,8 @@ def load_records(data_cfg, split: str, report: BadRecordReport | None = None) ->
         `metrics()`); bad records are logged with their paths either way.
 
     Returns:
-      The records, in a deterministic order.
+      The records, in a deterministic order; for 'train' with data.label_fraction < 1 or
+      data.split_dir set, only those in the fraction's list (validate/test: all).
 
     Raises:
       BadRecordError: with data.on_bad_record='error', at the first bad record.
@@ -85,6 +165,8 @@ def load_records(data_cfg, split: str, report: BadRecordReport | None = None) ->
     _validate(data_cfg)
     report = BadRecordReport() if report is None else report
     records = _load(data_cfg, split, report)
+    if split == "train" and _uses_label_list(data_cfg):
+        records = _label_subset(data_cfg, records, report)
     log.info("data %s/%s: %d records, %s", data_cfg.source, split, len(records), report.metrics())
     return records
 

@@ -3,7 +3,8 @@
 Scores come from embeddings (cosine of `embed_image` and `embed_text`), from a pair scorer
 (`pair_score`, e.g. a fusion encoder's image-text matching head, over every image-text pair),
 or from both: the embeddings pick each query's `rerank_k` best candidates and the pair scorer
-re-orders those (ALBEF / PTUnifier style).
+re-orders those (ALBEF / PTUnifier style). With embeddings, also class Precision@K on the
+zero-shot (CheXpert 5x200 style) set, as MedCLIP and BenchX report it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 from medvlp_jax.evaluation.metrics import l2_normalize
 
 PRED = {"image": "embed_image", "text": "embed_text", "pair": ""}
-FIELDS = ("max_examples", "rerank_k")
+FIELDS = ("max_examples", "rerank_k", "precision_at")
 
 
 def relevance_matrix(num_images: int, num_texts: int, gt: np.ndarray | None) -> np.ndarray:
@@ -49,6 +50,53 @@ def _recall_at(sim: np.ndarray, rel: np.ndarray, ks: Sequence[int]) -> dict[int,
     best = np.where(rel, sim, -np.inf).max(axis=1, keepdims=True)
     rank = np.sum((sim >= best) & ~rel, axis=1)[has_rel]
     return {k: float(np.mean(rank < k)) for k in ks}
+
+
+def precision_at_k(
+    sim: np.ndarray,
+    query_labels: np.ndarray,
+    item_labels: np.ndarray,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[int, float]:
+    """Class Precision@K: the share of each query's top-k items of the query's class.
+
+    Args:
+      sim: `[Q, M]` scores of every item for every query (higher = better).
+      query_labels: `[Q]` int classes; item_labels: `[M]` int classes.
+      ks: the K values, each <= M.
+    Returns:
+      `{k: mean over queries of (items of the query's class among its top k) / k}`. The top k
+      are the k highest scores; equal scores rank the lower item index first (stable sort).
+    """
+    sim = np.asarray(sim)
+    query_labels, item_labels = np.asarray(query_labels), np.asarray(item_labels)
+    if sim.shape != (len(query_labels), len(item_labels)):
+        raise ValueError(f"sim {sim.shape} must be [Q={len(query_labels)}, M={len(item_labels)}]")
+    if max(ks) > sim.shape[1]:
+        raise ValueError(f"ks {tuple(ks)} exceed the {sim.shape[1]} items")
+    order = np.argsort(-sim, axis=1, kind="stable")
+    hits = np.cumsum(item_labels[order] == query_labels[:, None], axis=1)
+    return {k: float(np.mean(hits[:, k - 1] / k)) for k in ks}
+
+
+def class_precision_metrics(
+    img: np.ndarray, txt: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """Precision@K both ways by cosine similarity, a match being any item of the same class.
+
+    Args:
+      img: `[N, D]` image embeddings; txt: `[N, D]` text embeddings of the same N records.
+      labels: `[N]` int class of each record (its image and its text alike).
+      ks: the K values.
+    Returns:
+      `{'i2t_P@1': ..., 't2i_P@1': ..., ...}` as fractions in [0, 1].
+    """
+    sim = l2_normalize(img) @ l2_normalize(txt).T
+    out = {}
+    for name, s in (("i2t", sim), ("t2i", sim.T)):
+        for k, value in precision_at_k(s, labels, labels, ks).items():
+            out[f"{name}_P@{k}"] = value
+    return out
 
 
 def score_metrics(
@@ -144,6 +192,23 @@ def same_text_relevance(texts: Sequence[str]) -> np.ndarray:
     return groups[:, None] == groups[None, :]
 
 
+def with_reports(five, labels: np.ndarray, test_records) -> tuple[list, np.ndarray]:
+    """The zero-shot images' test records, which carry their reports (the zero-shot list is
+    loaded image-only), and their labels; images without a usable report are left out.
+
+    Raises:
+      ValueError: none of the images has one (no text to retrieve).
+    """
+    by_image = {r.image_path: r for r in test_records}
+    keep = [i for i, r in enumerate(five) if r.image_path in by_image]
+    if not keep:
+        raise ValueError(
+            "retrieval Precision@K needs the zero-shot images' reports, and none of them is a "
+            "test record with text; set evals.retrieval.precision_at=() to turn it off"
+        )
+    return [by_image[five[i].image_path] for i in keep], np.asarray(labels)[keep]
+
+
 def check(cfg) -> None:
     """Roles: `image` + `text` (cosine retrieval), `pair` alone (every pair scored), or all
     three with `rerank_k` > 0 (the pair scorer re-ranks the embeddings' top-k)."""
@@ -160,7 +225,10 @@ def check(cfg) -> None:
 
 
 def run(ctx, preds: dict, cfg) -> dict[str, float]:
-    """Recall@{1,5,10} both ways over the first `cfg.max_examples` test records.
+    """Recall@{1,5,10} both ways over the first `cfg.max_examples` test records; with
+    embeddings also Precision@K for K in `cfg.precision_at` (() = off) both ways
+    (`class_precision_metrics`, cosine only, not re-ranked) on the zero-shot set, each image
+    with its own report (`with_reports`).
 
     With `preds['pair']` alone, `max_examples`^2 pairs are scored (in eval batches), so keep
     it small or re-rank (`rerank_k`) instead.
@@ -175,9 +243,17 @@ def run(ctx, preds: dict, cfg) -> dict[str, float]:
         n = len(records)
         every = np.stack(np.meshgrid(np.arange(n), np.arange(n), indexing="ij"), -1)
         return score_metrics(score_pairs(every.reshape(-1, 2)).reshape(n, n), gt)
-    emb = ctx.predict_records(records, {"image": preds["image"], "text": preds["text"]})
-    if "pair" not in preds:
-        return retrieval_metrics(emb["image"], emb["text"], gt)
-    sim = l2_normalize(emb["image"]) @ l2_normalize(emb["text"]).T
-    i2t, t2i = rerank(sim, cfg.rerank_k, score_pairs)
-    return score_metrics(i2t, gt, t2i=t2i)
+    embed = {"image": preds["image"], "text": preds["text"]}
+    emb = ctx.predict_records(records, embed)
+    if "pair" in preds:
+        sim = l2_normalize(emb["image"]) @ l2_normalize(emb["text"]).T
+        i2t, t2i = rerank(sim, cfg.rerank_k, score_pairs)
+        out = score_metrics(i2t, gt, t2i=t2i)
+    else:
+        out = retrieval_metrics(emb["image"], emb["text"], gt)
+    if not cfg.precision_at:
+        return out
+    five, labels = with_reports(*ctx.zero_shot_records(), ctx.records("test"))
+    five_emb = ctx.predict_records(five, embed)
+    ks = tuple(cfg.precision_at)
+    return out | class_precision_metrics(five_emb["image"], five_emb["text"], labels, ks)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 
@@ -22,6 +23,7 @@ Metrics = dict[str, jax.Array]
 # name -> "module:Class"; modules are imported only when their method is asked for.
 REGISTRY = {
     "clip": "medvlp_jax.methods.clip:Clip",
+    "downstream": "medvlp_jax.downstream.method:Downstream",
     "mflag": "medvlp_jax.methods.mflag:MFlag",
     "mcpl": "medvlp_jax.methods.mcpl.method:Mcpl",
     "prior": "medvlp_jax.methods.prior.method:Prior",
@@ -84,6 +86,11 @@ class Method:
         """`[B, D]` text embeddings (batch has input_ids, attention_mask) for the evaluators."""
         raise NotImplementedError
 
+    def feature_pyramid(self, variables: dict, batch: Batch) -> tuple[jax.Array, ...]:
+        """The image encoder's feature maps for dense heads (segmentation, detection):
+        `[B, h_i, w_i, C_i]`, fine to coarse (batch: `image` and hook fields)."""
+        raise NotImplementedError
+
     def predict_fns(self) -> dict[str, Callable[[dict, Batch], jax.Array]]:
         """The named `(variables, batch) -> array` functions evaluators may use
         (`config.evals.<name>.pred`; see `medvlp_jax.evaluation`). Names and shapes:
@@ -94,16 +101,30 @@ class Method:
         - `pair_score`: `[B]` match score of row i's image with row i's text, higher = better
           (fusion models: image-text matching; the batch has both sides of each pair).
         - `feature_map`: `[B, N, D]` image features (N regions/patches).
+        - `feature_pyramid`: a tuple of `[B, h_i, w_i, C_i]` image feature maps, fine to
+          coarse (ResNet stages; a ViT's patch tokens as a grid), for the downstream dense
+          heads (`medvlp_jax.downstream`).
 
-        Default: `embed_image` / `embed_text` for the `embed_images` / `embed_texts` this
-        method implements. Methods with more override this and extend the dict.
+        Default: `embed_image` / `embed_text` / `feature_pyramid` for the `embed_images` /
+        `embed_texts` / `feature_pyramid` this method implements. Methods with more override
+        this and extend the dict.
         """
-        own = {"embed_image": "embed_images", "embed_text": "embed_texts"}
+        own = {
+            "embed_image": "embed_images",
+            "embed_text": "embed_texts",
+            "feature_pyramid": "feature_pyramid",
+        }
         return {
             name: getattr(self, attr)
             for name, attr in own.items()
             if getattr(type(self), attr) is not getattr(Method, attr)
         }
+
+
+def image_tower_pyramid(model: nn.Module, variables: dict, batch: Batch) -> tuple[jax.Array, ...]:
+    """`Method.feature_pyramid` of a model whose image tower is its `image` submodule: the
+    tower's `pyramid` output (running batch-norm statistics, no dropout)."""
+    return model.apply(variables, batch["image"], method=lambda m, x: m.image(x)["pyramid"])
 
 
 def get_method(config: ml_collections.ConfigDict) -> Method:

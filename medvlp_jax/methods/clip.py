@@ -23,7 +23,7 @@ from medvlp_jax.losses.contrastive import (
     sharded_siglip_loss,
     siglip_loss,
 )
-from medvlp_jax.methods.base import Method, SetupContext
+from medvlp_jax.methods.base import Method, SetupContext, image_tower_pyramid
 from medvlp_jax.models import pretrained
 from medvlp_jax.models.two_tower import TwoTower
 
@@ -105,6 +105,9 @@ class Clip(Method):
 
     def embed_images(self, variables, batch):
         return self.model.apply(variables, batch["image"], method=TwoTower.embed_images)
+
+    def feature_pyramid(self, variables, batch):
+        return image_tower_pyramid(self.model, variables, batch)
 
     def embed_texts(self, variables, batch):
         return self.model.apply(

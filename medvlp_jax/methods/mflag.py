@@ -48,7 +48,7 @@ from medvlp_jax.data.config import resolve_cache_dir
 from medvlp_jax.losses.alignment import mflag_alignment_loss
 from medvlp_jax.losses.common import l2_normalize
 from medvlp_jax.losses.orthogonality import orthogonality_loss
-from medvlp_jax.methods.base import Method, SetupContext
+from medvlp_jax.methods.base import Method, SetupContext, image_tower_pyramid
 from medvlp_jax.models import pretrained
 from medvlp_jax.models.builders import build_image_tower, build_text_tower
 from medvlp_jax.models.heads import MLPHead
@@ -335,6 +335,9 @@ class MFlag(Method):
     def embed_images(self, variables, batch):
         model_vars, _ = _split(variables)
         return self.model.apply(model_vars, batch["image"], method=MFlagModel.embed_images)
+
+    def feature_pyramid(self, variables, batch):
+        return image_tower_pyramid(self.model, _split(variables)[0], batch)
 
     def embed_texts(self, variables, batch):
         model_vars, text_vars = _split(variables)

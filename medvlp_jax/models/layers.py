@@ -50,6 +50,13 @@ def partitioned(init: Initializer, *names: str | None) -> Initializer:
     return nn.with_logical_partitioning(init, names)
 
 
+def he_conv_init() -> Initializer:
+    """He (fan_out, normal) init of a conv kernel [kh, kw, in, out], as torchvision's ResNet,
+    boxed with the logical axes (kh, kw, conv_in, conv_out)."""
+    init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    return partitioned(init, None, None, "conv_in", "conv_out")
+
+
 def dense(
     features: int,
     axes: tuple[str | None, str | None],

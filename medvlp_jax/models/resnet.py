@@ -7,7 +7,9 @@ Batch norm runs in train mode (batch statistics, `batch_stats` updated; apply wi
 channels at stride 2^(num_stages+1)); a hybrid ViT uses the trunk through layer3.
 
 Outputs: `feature_map` [B, h, w, 2048] (layer4), `tokens` [B, h*w, 2048] (the same, flattened
-row-major), `pooled` [B, 2048] (global average pool).
+row-major), `pooled` [B, 2048] (global average pool), `pyramid`: every stage's output, fine to
+coarse ([B, H/4, W/4, 256], [B, H/8, W/8, 512], [B, H/16, W/16, 1024], [B, H/32, W/32, 2048]
+for the four stages), for dense heads.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medvlp_jax.models.layers import Dtype, batch_norm, partitioned
+from medvlp_jax.models.layers import Dtype, batch_norm, he_conv_init
 
 STAGES = (("layer1", 64, 3, 1), ("layer2", 128, 4, 2), ("layer3", 256, 6, 2), ("layer4", 512, 3, 2))
 EXPANSION = 4
@@ -39,13 +41,7 @@ def conv(
         strides=(stride, stride),
         padding=((pad, pad), (pad, pad)),
         use_bias=False,
-        kernel_init=partitioned(
-            nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-            None,
-            None,
-            "conv_in",
-            "conv_out",
-        ),
+        kernel_init=he_conv_init(),
         dtype=dtype,
         param_dtype=param_dtype,
         name=name,
@@ -86,7 +82,7 @@ class ResNet50(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
-        """images [B, H, W, C] -> {feature_map [B, h, w, 2048], tokens, pooled [B, 2048]}."""
+        """images [B, H, W, C] -> {feature_map [B, h, w, 2048], tokens, pooled, pyramid}."""
         if images.ndim != 4 or images.shape[-1] != self.channels:
             raise ValueError(
                 f"expected NHWC images with {self.channels} channels, got shape {images.shape}"
@@ -98,15 +94,18 @@ class ResNet50(nn.Module):
         x = nn.relu(batch_norm(train=train, name="bn1", **kw)(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         in_features = 64
+        pyramid = []
         for stage, planes, blocks, stride in STAGES[: self.num_stages]:
             for j in range(blocks):
                 s = stride if j == 0 else 1
                 down = j == 0 and (s != 1 or in_features != planes * EXPANSION)
                 x = Bottleneck(planes, s, down, name=f"{stage}_{j}", **kw)(x, train)
                 in_features = planes * EXPANSION
+            pyramid.append(x)
         b, h, w, d = x.shape
         return {
             "feature_map": x,
+            "pyramid": tuple(pyramid),
             "tokens": x.reshape(b, h * w, d),
             "pooled": jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype),
         }

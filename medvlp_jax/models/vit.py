@@ -21,6 +21,9 @@ Outputs (dict):
 - `normed_tokens` [B, 1 + N, D]: every token through the final LayerNorm (CLIP: `ln_post`
   applied to all tokens, as fusion models such as PTUnifier read them; HF: = `tokens`).
 - `prompt_tokens` [B, P, D] when a `prompt_fn` left prompt rows in the last layer.
+- `pyramid`: feature maps for dense heads, fine to coarse: the 'resnet' stem's layer1 and
+  layer2 outputs ([B, H/4, W/4, 256], [B, H/8, W/8, 512]) when it has them, then the patch
+  tokens of `normed_tokens` as a grid [B, H/P, W/P, D].
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ STEMS = ("patch", "resnet")
 # al. 2021 uses the same trunk depth).
 RESNET_STEM_STAGES = 3
 RESNET_STEM_STRIDE = 16
+# The stem's stage maps `pyramid` keeps (layer1, layer2): layer3 sits at the tokens' stride.
+DENSE_STEM_MAPS = 2
 # Initialisers of the conv that makes the tokens (the patch conv, or the hybrid stem's 1x1
 # `proj`): kernel [kh, kw, C, width], bias [width].
 TOKEN_CONV_INITS = dict(
@@ -71,9 +76,19 @@ def resize_posemb(posemb: jax.Array, new_hw: tuple[int, int], num_prefix: int = 
     return jnp.concatenate([prefix, grid.reshape(-1, grid.shape[-1])], axis=0)
 
 
+def patch_grid(patches: jax.Array, image_shape: tuple[int, ...], patch_size: int) -> jax.Array:
+    """Patch tokens [B, N, D] of images of `image_shape` [B, H, W, C] -> the grid
+    [B, H / P, W / P, D] (row-major, as the patch conv emits them)."""
+    b, h, w = image_shape[0], image_shape[1] // patch_size, image_shape[2] // patch_size
+    if patches.shape[1] != h * w:
+        raise ValueError(f"{patches.shape[1]} patch tokens do not make a {h}x{w} grid")
+    return patches.reshape(b, h, w, patches.shape[-1])
+
+
 class ResNetStem(nn.Module):
-    """images [B, H, W, C] -> [B, H / 16, W / 16, width]: ResNet-50 through layer3 (1024
-    channels; batch norms in train mode when `train`), then a 1x1 conv (`proj`) to `width`."""
+    """images [B, H, W, C] -> ([B, H / 16, W / 16, width], the trunk's stage maps): ResNet-50
+    through layer3 (1024 channels; batch norms in train mode when `train`), then a 1x1 conv
+    (`proj`) to `width`; the stage maps are layer1-3's outputs (strides 4, 8, 16)."""
 
     width: int
     channels: int = 3
@@ -81,11 +96,12 @@ class ResNetStem(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, tuple]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         trunk = ResNet50(self.channels, num_stages=RESNET_STEM_STAGES, name="trunk", **kw)
-        x = trunk(x, train=train)["feature_map"]
-        return nn.Conv(self.width, (1, 1), name="proj", **TOKEN_CONV_INITS, **kw)(x)
+        out = trunk(x, train=train)
+        proj = nn.Conv(self.width, (1, 1), name="proj", **TOKEN_CONV_INITS, **kw)
+        return proj(out["feature_map"]), out["pyramid"]
 
 
 class VisionTransformer(nn.Module):
@@ -162,13 +178,25 @@ class VisionTransformer(nn.Module):
             raise ValueError(
                 f"expected NHWC images with {self.channels} channels, got shape {images.shape}"
             )
+        return self.embed_and_stem_maps(images, train)[0]
+
+    def embed_and_stem_maps(
+        self, images: jax.Array, train: bool = False
+    ) -> tuple[jax.Array, tuple]:
+        """`embed`'s tokens, and the 'resnet' stem's stage maps (strides 4, 8, 16; () for the
+        patch stem)."""
         x = images.astype(self.transformer.dtype)
-        x = self.patch_embed(x, train) if self.stem == "resnet" else self.patch_embed(x)
+        stem_maps = ()
+        if self.stem == "resnet":
+            x, stem_maps = self.patch_embed(x, train)
+        else:
+            x = self.patch_embed(x)
         b, h, w, d = x.shape
         grid = self.image_size // self.patch_size
         posemb = self.posemb if (h, w) == (grid, grid) else resize_posemb(self.posemb, (h, w))
         cls = jnp.broadcast_to(self.cls.astype(x.dtype), (b, 1, d))
-        return jnp.concatenate([cls, x.reshape(b, h * w, d)], axis=1) + posemb.astype(x.dtype)
+        tokens = jnp.concatenate([cls, x.reshape(b, h * w, d)], axis=1) + posemb.astype(x.dtype)
+        return tokens, stem_maps
 
     def class_token(self) -> jax.Array:
         """[D] the class token with its positional embedding (the image stream's first row
@@ -205,7 +233,10 @@ class VisionTransformer(nn.Module):
         self, images: jax.Array, *, train: bool = False, prompt_fn: PromptFn | None = None
     ) -> dict[str, jax.Array]:
         """images [B, H, W, C] -> outputs dict (see the module docstring)."""
-        return self.encode(self.embed(images, train=train), train=train, prompt_fn=prompt_fn)
+        tokens, stem_maps = self.embed_and_stem_maps(images, train)
+        out = self.encode(tokens, train=train, prompt_fn=prompt_fn)
+        grid = patch_grid(out["normed_tokens"][:, 1:], images.shape, self.patch_size)
+        return {**out, "pyramid": (*stem_maps[:DENSE_STEM_MAPS], grid)}
 
     def example_inputs(self, batch: int = 1) -> tuple[jax.Array, ...]:
         """Dummy positional inputs for `init`: (images [batch, S, S, C],)."""

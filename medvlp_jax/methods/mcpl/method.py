@@ -133,16 +133,24 @@ class Mcpl(Method):
             metrics.update(keyword_metrics)
         return loss, metrics, {}
 
-    def embed_images(self, variables, batch):
-        z, _ = self.model.apply(
+    def _image_side(self, variables, batch, model_method):
+        """`model_method` (an image entry point of McplModel) on the batch's images, with the
+        evaluation keywords (`model.eval_image_keywords`)."""
+        return self.model.apply(
             variables,
             batch["image"],
             batch.get("ap_ids"),
             batch.get("ap_mask"),
             keywords=self.config.model.eval_image_keywords,
-            method=McplModel.embed_images,
+            method=model_method,
         )
-        return z
+
+    def embed_images(self, variables, batch):
+        return self._image_side(variables, batch, McplModel.embed_images)[0]
+
+    def feature_pyramid(self, variables, batch):
+        """The prompted image tower's feature maps (`McplModel.image_pyramid`)."""
+        return self._image_side(variables, batch, McplModel.image_pyramid)
 
     def embed_texts(self, variables, batch):
         z, _ = self.model.apply(

@@ -274,11 +274,34 @@ class McplModel(nn.Module):
         """images [B, H, W, C] (+ the report's AP sequences [B, 2, L]) -> (embeddings [B, E],
         relations [B, n(J-1), 2L] or None). `keywords='predicted'` ignores ap_ids/ap_mask and
         uses the keyword predictor's words (image-only inference)."""
+        fn, relations = self._image_prompt_fn(images, ap_ids, ap_mask, keywords)
+        if fn is None:
+            return self.backbone.embed_images(images), None
+        return self.backbone.embed_images(images, prompt_fn=fn), self._stack(relations)
+
+    def image_pyramid(
+        self,
+        images: jax.Array,
+        ap_ids: jax.Array | None = None,
+        ap_mask: jax.Array | None = None,
+        *,
+        keywords: str = "report",
+    ) -> tuple[jax.Array, ...]:
+        """The prompted image tower's `pyramid` (feature maps [B, h, w, C], fine to coarse;
+        the last one is the prompted patch tokens), keywords as in `embed_images`."""
+        fn, _ = self._image_prompt_fn(images, ap_ids, ap_mask, keywords)
+        kw = {} if fn is None else {"prompt_fn": fn}
+        return self.backbone.image_features(images, **kw)["pyramid"]
+
+    def _image_prompt_fn(self, images, ap_ids, ap_mask, keywords: str):
+        """(the image tower's prompt_fn, or None without image prompts; the list it appends
+        relation scores to)."""
         o = self.options
         if keywords not in KEYWORD_SOURCES:
             raise ValueError(f"keywords={keywords!r}; expected one of {KEYWORD_SOURCES}")
+        relations: list = []
         if not (o.prompt_depth and o.image_prompts):
-            return self.backbone.embed_images(images), None
+            return None, relations
         _, base = self._base_prompts()
         states = None
         if o.image_ap:
@@ -286,9 +309,7 @@ class McplModel(nn.Module):
                 probs = jax.nn.sigmoid(self.keyword_logits(images))
                 ap_ids, ap_mask = self.ap_tokens.sequences(probs > o.keyword_threshold)
             states = self._ap_states("image", ap_ids, ap_mask)
-        relations: list = []
-        fn = self._prompt_fn("image", base, states, ap_mask, relations)
-        return self.backbone.embed_images(images, prompt_fn=fn), self._stack(relations)
+        return self._prompt_fn("image", base, states, ap_mask, relations), relations
 
     def embed_texts(
         self,

@@ -41,7 +41,7 @@ from medvlp_jax.losses.prototypes import (
     prototype_kl_loss,
     quantization_loss,
 )
-from medvlp_jax.methods.base import Method, SetupContext
+from medvlp_jax.methods.base import Method, SetupContext, image_tower_pyramid
 from medvlp_jax.methods.prior import matching
 from medvlp_jax.methods.prior.model import PriorModel
 from medvlp_jax.methods.prior.sentences import FIELD, SentenceHook
@@ -365,6 +365,9 @@ class Prior(Method):
 
     def embed_texts(self, variables, batch):
         return self._text(variables, batch, one_sentence=False)[0]
+
+    def feature_pyramid(self, variables, batch):
+        return image_tower_pyramid(self.model, variables, batch)
 
     def feature_map(self, variables, batch) -> jax.Array:
         """Local image tokens [B, N, E] (projected, before any attention)."""

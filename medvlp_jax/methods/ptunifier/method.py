@@ -259,6 +259,11 @@ class PTUnifier(Method):
         logits = self._apply(variables, PTUnifierModel.itm_logits, out["feature"])
         return logits[:, 1] - logits[:, 0]
 
+    def feature_pyramid(self, variables, batch):
+        """The image tower's stem maps, then the fused image stream of (image, textual
+        prompts) as a grid (`PTUnifierModel.image_pyramid`)."""
+        return self._apply(variables, PTUnifierModel.image_pyramid, batch["image"])
+
     def feature_map(self, variables, batch):
         """[B, N, Dv] the image tower's patch tokens (after its final LayerNorm)."""
 

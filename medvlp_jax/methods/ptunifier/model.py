@@ -36,6 +36,7 @@ from medvlp_jax.models.heads import MLMHead, masked_mean
 from medvlp_jax.models.layers import Dtype, dense, embedding, layer_norm, partitioned
 from medvlp_jax.models.prompt_pool import select_prompts
 from medvlp_jax.models.transformer import TransformerConfig
+from medvlp_jax.models.vit import DENSE_STEM_MAPS, patch_grid
 
 POOL_INIT_STD = 0.02
 Stream = tuple[jax.Array, "jax.Array | None"]  # tokens [B, L, D], mask [B, L] (None = all)
@@ -197,7 +198,18 @@ class PTUnifierModel(nn.Module):
 
     def image_only(self, images: jax.Array, *, train: bool = False) -> dict:
         """images -> the fused outputs of (image, textual prompts) (see `_fuse`)."""
-        emb = self.image.embed(images, train=train)
+        return self._image_only(self.image.embed(images, train=train), train=train)
+
+    def image_pyramid(self, images: jax.Array) -> tuple[jax.Array, ...]:
+        """Feature maps for dense heads, fine to coarse: the image tower's stem maps (see
+        `VisionTransformer`'s `pyramid`), then the fused image stream of (image, textual
+        prompts) as a grid [B, h, w, H] (its patch rows)."""
+        emb, stem_maps = self.image.embed_and_stem_maps(images)
+        fused = self._image_only(emb, train=False)["image_tokens"][:, 1:]
+        grid = patch_grid(fused, images.shape, self.image.patch_size)
+        return (*stem_maps[:DENSE_STEM_MAPS], grid)
+
+    def _image_only(self, emb: jax.Array, *, train: bool) -> dict:
         (image,) = self._encode_images([emb], train=train)
         (text,) = self._encode_texts([self._text_prompts(emb, train=train)], train=train)
         return self._fuse([(text, image)], train=train)[0]

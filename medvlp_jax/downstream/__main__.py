@@ -1,0 +1,3 @@
+from medvlp_jax.downstream.runner import main
+
+main()
