@@ -142,7 +142,8 @@ def test_dense_losses_match_numpy():
     logits = rng.normal(size=(2, 5, 5, 3)).astype(np.float32)
     masks = (rng.random((2, 5, 5, 3)) > 0.6).astype(np.float32)
     p = 1 / (1 + np.exp(-logits))
-    dice = (2 * (p * masks).sum((1, 2)) + 1) / (p.sum((1, 2)) + masks.sum((1, 2)) + 1)
+    axes = (0, 1, 2)  # batch Dice: per class over every image's pixels
+    dice = (2 * (p * masks).sum(axes) + 1) / (p.sum(axes) + masks.sum(axes) + 1)
     assert float(soft_dice_loss(logits, masks)) == pytest.approx(1 - dice.mean(), rel=1e-5)
 
     heat = rng.random((2, 5, 5, 3)).astype(np.float32) * 0.9
@@ -359,6 +360,21 @@ def test_runner_resumes_and_reuses_its_test_result(pretrained, tmp_path, split_l
     again, out = _run(pretrained, tmp_path, "classification")  # finished: nothing re-read
     assert "final" not in split_log and "test" not in split_log
     assert again == saved and "(from" in out
+
+
+def test_a_stopped_run_is_not_evaluated_on_the_test_split(
+    pretrained, tmp_path, split_log, monkeypatch
+):
+    """As after SIGTERM: training returns before its last step, so no test evaluation runs
+    (a rerun resumes and evaluates then)."""
+    real_run = train.run
+    stopped = lambda config, workdir: real_run(
+        config_lib.apply_overrides(config, ["train.num_steps=2"]), workdir
+    )
+    monkeypatch.setattr(train, "run", stopped)
+    result, out = _run(pretrained, tmp_path, "classification", "train.num_steps=4")
+    assert result is None and "rerun to resume" in out
+    assert "test" not in split_log and not (tmp_path / runner.TEST_FILE).exists()
 
 
 def test_runner_trains_on_the_label_fraction(pretrained, tmp_path):

@@ -192,6 +192,8 @@ def main(argv: list[str]) -> None:
                 reused = (workdir / runner.TEST_FILE).exists()
                 start = time.time()
                 result = runner.run(down, workdir)
+                if result is None:
+                    raise SystemExit("suite stopped by a signal; rerun it to resume")
                 key = f"{fraction:g}"
                 wall = earlier.get(row, {}).get(task, {}).get(key, {}).get("wall_s")
                 if not (reused and wall is not None):  # a reused run keeps its first time

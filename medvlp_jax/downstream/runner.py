@@ -27,7 +27,7 @@ from pathlib import Path
 import ml_collections
 
 from medvlp_jax import config as config_lib
-from medvlp_jax import console
+from medvlp_jax import console, prerequisites
 from medvlp_jax.downstream.config import (
     DATA_LOCATION_FIELDS,
     ENCODER_INPUT_FIELDS,
@@ -105,15 +105,19 @@ def best_step(workdir: Path, metric: str, steps: list[int]) -> int:
     return max(sorted(scores), key=best)
 
 
-def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: Path) -> dict | None:
     """Trains (or resumes) the downstream run in `workdir`, then evaluates its best-validate
-    checkpoint on the test split once; returns `{'step': ..., test metrics}`."""
+    checkpoint on the test split once; returns `{'step': ..., test metrics}`, or None when a
+    stop signal (SIGTERM, preemption) ended training early: no test evaluation then."""
     from medvlp_jax import checkpointing, train
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config_lib.to_json(config))
     train.run(config, workdir)
+    if not prerequisites.finished(config, workdir):  # a stop signal ended training early
+        console.say(f"training stopped before its last step; rerun to resume ({workdir})")
+        return None
     test_file = workdir / TEST_FILE
     ckpt = checkpointing.Checkpointer(workdir / "checkpoints")
     steps = ckpt.all_steps()

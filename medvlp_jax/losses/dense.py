@@ -11,14 +11,17 @@ from medvlp_jax.losses.common import f32
 
 
 def soft_dice_loss(logits: jax.Array, targets: jax.Array, eps: float = 1.0) -> jax.Array:
-    """1 - soft Dice per image and class, averaged: logits / targets `[B, H, W, C]`.
+    """1 - soft Dice per class over the whole batch, averaged over classes: logits / targets
+    `[B, H, W, C]`.
 
-    Dice = (2 sum(p t) + eps) / (sum(p) + sum(t) + eps) with p = sigmoid(logits); `eps`
-    makes an empty target with an empty prediction score 1.
+    Dice_c = (2 sum(p t) + eps) / (sum(p) + sum(t) + eps), sums over batch and pixels, with
+    p = sigmoid(logits) (nnU-Net's batch Dice). Per-image Dice would reward predicting
+    nothing: most images have no region of a given finding, and each of them would score 1
+    (measured: hard Dice 0 after 100 steps, with the soft loss at 0.3).
     """
     p, t = jax.nn.sigmoid(f32(logits)), f32(targets)
-    inter = jnp.sum(p * t, axis=(1, 2))
-    total = jnp.sum(p, axis=(1, 2)) + jnp.sum(t, axis=(1, 2))
+    inter = jnp.sum(p * t, axis=(0, 1, 2))
+    total = jnp.sum(p, axis=(0, 1, 2)) + jnp.sum(t, axis=(0, 1, 2))
     return 1.0 - jnp.mean((2.0 * inter + eps) / (total + eps))
 
 
