@@ -95,8 +95,8 @@ def gaussian_radius(height: float, width: float, min_overlap: float = MIN_OVERLA
     """The CornerNet / CenterNet Gaussian radius: the largest r such that a box whose corners
     move by r still has IoU >= `min_overlap` with the truth, the tightest of three moves: both
     corners shifted the same way, both inward (shrunk) and both outward (grown), each the
-    boundary root of its quadratic in r. (The released CornerNet code takes other roots of
-    the same quadratics, a known error; these are the exact ones.)"""
+    boundary root of its quadratic in r (tested: at the radius the tightest move has IoU
+    exactly `min_overlap`)."""
     h, w, o = height, width, min_overlap
     shifted = _smaller_root(1.0, -(h + w), h * w * (1 - o) / (1 + o))
     shrunk = _smaller_root(4.0, -2 * (h + w), (1 - o) * h * w)
