@@ -226,6 +226,7 @@ def test_best_step_is_chosen_on_the_validate_metric_only(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     assert runner.best_step(tmp_path, "eval/synthcxr/auroc", [2, 4, 6, 8]) == 6
     assert runner.best_step(tmp_path, "eval/synthcxr/auroc", [2, 4]) == 4
+    assert runner.best_step(tmp_path, "eval/synthcxr/auroc", [2, 4, 6, 8], "min") == 4
     with pytest.raises(RuntimeError, match="no eval/synthcxr/dice"):
         runner.best_step(tmp_path, "eval/synthcxr/dice", [2])
 

@@ -31,15 +31,16 @@ import ml_collections
 
 from medvlp_jax import config as config_lib
 from medvlp_jax import prerequisites
+from medvlp_jax.downstream import runner
+from medvlp_jax.downstream.config import SELECTION_METRIC as HEADLINE
+from medvlp_jax.downstream.method import TASKS
+from medvlp_jax.downstream.runner import CONFIGS
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 METHODS = ("clip", "mflag", "mcpl", "ptunifier", "prior")
-TASKS = ("classification", "segmentation", "detection")
 # MCPL's rows: its frozen backbone (the prerequisite run, no prompts), then its
 # `bench.variants` (configs/mcpl.py ABLATIONS) by name -> row label.
 MCPL_BACKBONE_ROW = "mcpl:backbone"
 MCPL_ROWS = {"coop": "coop", "maple": "maple", "mcpl_qk_v": "mcpl"}
-HEADLINE = {"classification": "auroc", "segmentation": "dice", "detection": "map@0.5"}
 
 
 def pretrain_rows(methods, preset: str) -> list[tuple[str, ml_collections.ConfigDict, str]]:
@@ -167,8 +168,6 @@ def main(argv: list[str]) -> None:
     if unknown:
         raise SystemExit(f"unknown methods/tasks {unknown}; methods {METHODS}, tasks {TASKS}")
     fractions = [float(f) for f in args.fractions.split(",") if f]
-
-    from medvlp_jax.downstream import runner
 
     root = Path(args.workdir)
     record = root / "suite.json"

@@ -41,7 +41,8 @@ from medvlp_jax.data import sources
 from medvlp_jax.data.records import CHEXPERT_CLASSES
 from medvlp_jax.data.synthcxr import BOXES_CSV
 from medvlp_jax.downstream.targets import BoxTargets, MaskTargets, read_boxes
-from medvlp_jax.evaluation.classification import class_columns, multiclass_rows
+from medvlp_jax.evaluation.classification import LABEL_MODES, class_columns, multiclass_rows
+from medvlp_jax.evaluation.dense_metrics import segmentation_counts
 from medvlp_jax.losses.common import f32
 from medvlp_jax.losses.dense import centernet_loss, segmentation_loss
 from medvlp_jax.methods.base import Method, SetupContext, get_method
@@ -50,7 +51,6 @@ from medvlp_jax.models.heads import MLPHead
 from medvlp_jax.optim import parse_rule
 
 TASKS = ("classification", "segmentation", "detection")
-LABEL_MODES = ("multilabel", "multiclass")
 ENCODER, HEAD = "encoder", "head"
 
 
@@ -86,7 +86,7 @@ class Downstream(Method):
         unknown = [c for c in d.classes if c not in CHEXPERT_CLASSES]
         if unknown:
             raise ConfigError(f"downstream.classes: {unknown} are not CheXpert classes")
-        self.columns = class_columns(d.classes)[1]
+        self.class_names, self.columns = class_columns(d.classes)
         self.encoder = get_method(encoder_config(d.encoder))
         self.head = self._build_head()
 
@@ -110,7 +110,7 @@ class Downstream(Method):
 
     def data_hooks(self, tokenizer) -> tuple:
         d, data = self.config.downstream, self.config.data
-        names = [CHEXPERT_CLASSES[i] for i in self.columns]
+        names = self.class_names
         own: tuple = ()
         if d.task == "segmentation":
             own = (MaskTargets(names, data.image_size, d.mask_suffix),)
@@ -204,9 +204,8 @@ class Downstream(Method):
 
     def segment_counts(self, variables, batch):
         pred = self._forward(variables, batch, train=False)[0] > 0.0  # sigmoid(x) > 0.5
-        true = batch["masks"] > 0
-        count = lambda m: jnp.sum(m, axis=(1, 2))
-        return jnp.stack([count(pred & true), count(pred & ~true), count(~pred & true)], axis=1)
+        counts = segmentation_counts(pred, batch["masks"] > 0)
+        return jnp.stack([counts["tp"], counts["fp"], counts["fn"]], axis=1)
 
     def detections(self, variables, batch):
         d = self.config.downstream

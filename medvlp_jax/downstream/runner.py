@@ -72,12 +72,11 @@ def build_config(
     config.downstream.encoder = encoder
     config.downstream.pretrained = str(Path(pretrained).absolute())
     config.init.encoder = load_spec(str(Path(pretrained).absolute()), into="encoder")
-    if not (0 < fraction <= 1) or not math.isfinite(fraction):
+    if not 0 < fraction <= 1:
         raise config_lib.ConfigError(f"--fraction={fraction}: expected a fraction in (0, 1]")
     config.data.label_fraction = fraction
     config = config_lib.apply_overrides(config, overrides)
-    task_eval = config.evals[name]
-    config.train.keep_best_metric = f"eval/{config.data.source}/{SELECTION_METRIC[task_eval.type]}"
+    config.train.keep_best_metric = f"eval/{config.data.source}/{SELECTION_METRIC[name]}"
     config_lib.check_choices(config)
     return config
 
@@ -90,9 +89,10 @@ def test_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return out
 
 
-def best_step(workdir: Path, metric: str, steps: list[int]) -> int:
-    """The step among `steps` (those with a checkpoint) with the best (max) `metric` in
-    WORKDIR/metrics.jsonl; NaN counts as worst, ties go to the earliest step."""
+def best_step(workdir: Path, metric: str, steps: list[int], mode: str = "max") -> int:
+    """The step among `steps` (those with a checkpoint) with the best `metric` in
+    WORKDIR/metrics.jsonl (`mode` 'max' or 'min', as `train.keep_best_mode`); NaN counts as
+    worst, ties go to the earliest step."""
     scores: dict[int, float] = {}
     path = Path(workdir) / "metrics.jsonl"
     for line in path.read_text().splitlines() if path.exists() else []:
@@ -101,7 +101,8 @@ def best_step(workdir: Path, metric: str, steps: list[int]) -> int:
             scores[row["step"]] = row[metric]
     if not scores:
         raise RuntimeError(f"{path}: no {metric} recorded at the checkpointed steps {steps}")
-    best = lambda step: -math.inf if math.isnan(scores[step]) else scores[step]
+    sign = 1.0 if mode == "max" else -1.0
+    best = lambda step: -math.inf if math.isnan(scores[step]) else sign * scores[step]
     return max(sorted(scores), key=best)
 
 
@@ -114,7 +115,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict | None:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config_lib.to_json(config))
-    train.run(config, workdir)
+    if not prerequisites.finished(config, workdir):  # a finished run is not re-evaluated
+        train.run(config, workdir)
     if not prerequisites.finished(config, workdir):  # a stop signal ended training early
         console.say(f"training stopped before its last step; rerun to resume ({workdir})")
         return None
@@ -122,7 +124,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict | None:
     ckpt = checkpointing.Checkpointer(workdir / "checkpoints")
     steps = ckpt.all_steps()
     ckpt.close()
-    step = best_step(workdir, config.train.keep_best_metric, steps)
+    step = best_step(workdir, config.train.keep_best_metric, steps, config.train.keep_best_mode)
     if test_file.exists():
         done = json.loads(test_file.read_text())
         if done.get("step") == step:

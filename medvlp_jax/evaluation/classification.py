@@ -16,13 +16,19 @@ from medvlp_jax.evaluation.metrics import accuracy, macro_f1, multilabel_auroc
 PRED = {"logits": "logits"}
 FIELDS = ("split", "classes", "label_mode")
 SPLITS = ("train", "validate", "test")
+LABEL_MODES = ("multilabel", "multiclass")
+
+
+def check_split(cfg) -> None:
+    """The `check` of the downstream evaluators: `cfg.split` is a split."""
+    if cfg.split not in SPLITS:
+        raise ValueError(f"split={cfg.split!r}; expected one of {SPLITS}")
 
 
 def check(cfg) -> None:
-    if cfg.split not in SPLITS:
-        raise ValueError(f"split={cfg.split!r}; expected one of {SPLITS}")
-    if cfg.label_mode not in ("multilabel", "multiclass"):
-        raise ValueError(f"label_mode={cfg.label_mode!r}; expected 'multilabel' or 'multiclass'")
+    check_split(cfg)
+    if cfg.label_mode not in LABEL_MODES:
+        raise ValueError(f"label_mode={cfg.label_mode!r}; expected one of {LABEL_MODES}")
 
 
 def class_columns(classes) -> tuple[list[str], list[int]]:

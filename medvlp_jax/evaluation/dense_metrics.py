@@ -25,16 +25,18 @@ def segmentation_counts(pred: np.ndarray, true: np.ndarray) -> dict[str, np.ndar
     """Per-image, per-class pixel counts.
 
     Args:
-      pred, true: bool `[N, H, W, C]` masks (N images, C classes).
+      pred, true: bool `[N, H, W, C]` masks (N images, C classes), numpy or jax arrays (the
+        downstream segmenter counts on device with it).
     Returns:
-      `{'tp', 'fp', 'fn'}`, each int64 `[N, C]`; concatenate batches' counts over N.
+      `{'tp', 'fp', 'fn'}`, each `[N, C]` (int64 for numpy, the default int for jax);
+      concatenate batches' counts over N.
     """
-    pred, true = np.asarray(pred, bool), np.asarray(true, bool)
+    pred, true = pred.astype(bool), true.astype(bool)
     if pred.ndim != 4 or pred.shape != true.shape:
         raise ValueError(f"pred {pred.shape} and true {true.shape} must both be [N, H, W, C]")
 
-    def count(mask: np.ndarray) -> np.ndarray:
-        return mask.sum(axis=(1, 2), dtype=np.int64)
+    def count(mask):
+        return mask.sum(axis=(1, 2))
 
     return {"tp": count(pred & true), "fp": count(pred & ~true), "fn": count(~pred & true)}
 

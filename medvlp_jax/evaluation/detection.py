@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from medvlp_jax.evaluation.classification import SPLITS, class_columns
+from medvlp_jax.evaluation.classification import check_split, class_columns
 from medvlp_jax.evaluation.dense_metrics import COCO_IOU_THRESHOLDS, detection_map
 
 PRED = {"detections": "detections", "targets": "box_targets"}
 FIELDS = ("split", "classes")
-
-
-def check(cfg) -> None:
-    if cfg.split not in SPLITS:
-        raise ValueError(f"split={cfg.split!r}; expected one of {SPLITS}")
+check = check_split
 
 
 def split_rows(detections: np.ndarray, targets: np.ndarray) -> tuple[list[dict], list[dict]]:

@@ -8,16 +8,12 @@ probability 0.5, `[B, 3, C]`), so no mask leaves the devices; the metrics are
 
 from __future__ import annotations
 
-from medvlp_jax.evaluation.classification import SPLITS, class_columns
+from medvlp_jax.evaluation.classification import check_split, class_columns
 from medvlp_jax.evaluation.dense_metrics import segmentation_metrics
 
 PRED = {"counts": "segment_counts"}
 FIELDS = ("split", "classes")
-
-
-def check(cfg) -> None:
-    if cfg.split not in SPLITS:
-        raise ValueError(f"split={cfg.split!r}; expected one of {SPLITS}")
+check = check_split
 
 
 def run(ctx, preds: dict, cfg) -> dict[str, float]:
