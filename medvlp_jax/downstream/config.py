@@ -45,7 +45,6 @@ def task_config(task: str, preset: str = "") -> ml_collections.ConfigDict:
     d = c.downstream = ml_collections.ConfigDict()
     d.task = task
     d.encoder = ml_collections.ConfigDict()  # the pre-training run's config (from --pretrained)
-    d.pretrained = ""  # its workdir, for the record
     d.finetune = False  # False: frozen encoder (linear probe / frozen-encoder decoder)
     # CheXpert columns the head predicts (() = all 14; dense tasks: findings with regions).
     d.classes = () if task == "classification" else FIVE_CLASSES

@@ -70,7 +70,6 @@ def build_config(
     for key in (*ENCODER_INPUT_FIELDS, *DATA_LOCATION_FIELDS):
         config.data[key] = inputs[key]
     config.downstream.encoder = encoder
-    config.downstream.pretrained = str(Path(pretrained).absolute())
     config.init.encoder = load_spec(str(Path(pretrained).absolute()), into="encoder")
     if not 0 < fraction <= 1:
         raise config_lib.ConfigError(f"--fraction={fraction}: expected a fraction in (0, 1]")
