@@ -20,7 +20,10 @@ import ml_collections
 from medvlp_jax import config as config_lib
 from medvlp_jax.config import ConfigError
 from medvlp_jax.data.config import default_data_config, resolve_cache_dir
+from medvlp_jax.models.builders import BATCH_NORM_FIELDS
 
+# Model fields added after the first cached runs, with the default that changes nothing.
+LATER_FIELDS = dict(BATCH_NORM_FIELDS)
 # Data fields that say where data lives and how it loads, not what the weights learn from.
 _DATA_LOCATION = ("cache_dir", "num_workers", "prefetch")
 
@@ -41,7 +44,8 @@ def run_dir(config: ml_collections.ConfigDict, name: str) -> Path:
     logging and checkpoint settings do not count."""
     run = config.prerequisites[name].to_dict()
     key = {
-        **{k: run[k] for k in ("method", "seed", "model", "optim", "stages")},
+        **{k: run[k] for k in ("method", "seed", "optim", "stages")},
+        "model": _without_later_defaults(run["model"]),
         "num_steps": run["train"]["num_steps"],
         "train_stages": run["train"]["stages"],
         "compute_dtype": run["train"]["compute_dtype"],
@@ -60,6 +64,18 @@ def _data_key(data: dict) -> dict:
         k: v
         for k, v in data.items()
         if k not in _DATA_LOCATION and (k not in defaults or _plain(v) != _plain(defaults[k]))
+    }
+
+
+def _without_later_defaults(tree):
+    """`tree` without the tower fields added after runs were first cached (`LATER_FIELDS`)
+    where they hold their default, so that those runs keep their hashes."""
+    if not isinstance(tree, dict):
+        return tree
+    return {
+        k: _without_later_defaults(v)
+        for k, v in tree.items()
+        if not (k in LATER_FIELDS and _plain(v) == _plain(LATER_FIELDS[k]))
     }
 
 

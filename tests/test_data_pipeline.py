@@ -276,3 +276,29 @@ def test_batch_size_must_divide(base):
         train_iterator(cfg, records, tok, seed=0, process_count=4)
     with pytest.raises(ValueError, match="channels"):
         next(train_iterator(_cfg(cfg, channels=2), records, tok, seed=0))
+
+
+@pytest.mark.parametrize("angle", [30.0, 90.0])
+def test_rotation_range_turns_counter_clockwise_as_torchvision(angle):
+    """`data.augment.affine_degrees=(lo, hi)` follows torchvision's RandomRotation: a
+    positive angle turns the image counter-clockwise (a number d stays the range +-d)."""
+    from torchvision.transforms.functional import rotate
+
+    from medvlp_jax.data.transforms import ImageSpec, _augment, rotation_range
+
+    assert rotation_range(5.0) == (-5.0, 5.0) and rotation_range((0, 90)) == (0.0, 90.0)
+    with pytest.raises(ValueError, match="affine_degrees"):
+        rotation_range((10, 0))
+    pixels = np.zeros((64, 64), np.uint8)
+    pixels[28:36, 50:58] = 255  # a square right of the centre
+    image = Image.fromarray(pixels)
+    spec = ImageSpec(64, 1, (0.0,), (1.0,), True, (1.0, 1.0), (1.0, 1.0), (angle, angle))
+    ours = np.asarray(_augment(image, spec, np.random.default_rng(0)), np.float32)
+    theirs = np.asarray(rotate(image, angle), np.float32)
+
+    def centre(a):
+        rows, cols = np.nonzero(a > 127)
+        return rows.mean(), cols.mean()
+
+    np.testing.assert_allclose(centre(ours), centre(theirs), atol=1.0)
+    assert centre(ours)[0] < 28  # moved up: counter-clockwise on screen

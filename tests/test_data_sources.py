@@ -328,6 +328,10 @@ def test_sections():
     assert select_text(REPORT, ("findings", "impression"), "concat") == (
         "Heart size is normal. No pleural effusion. No acute process."
     )
+    # M-FLAG's released `impression += findings`: no separator.
+    assert select_text(REPORT, ("impression", "findings"), "concat", "") == (
+        "No acute process.Heart size is normal. No pleural effusion."
+    )
     assert (
         select_text("Free text without headers.\n", ("findings",)) == "Free text without headers."
     )

@@ -433,6 +433,19 @@ def test_suite_rows_put_mcpl_beside_its_prompt_learning_baselines():
     assert by_name["mcpl"].ap_prompt and by_name["mcpl"].prompt_config == "qk_v"
 
 
+def test_suite_stops_when_a_pre_training_stops_before_its_last_step(tmp_path, monkeypatch):
+    """A pre-training stopped by a signal leaves no final checkpoint: the suite must not run
+    the downstream tasks on its intermediate weights."""
+    from medvlp_jax import train
+    from medvlp_jax.bench import suite
+
+    monkeypatch.setattr(train, "run", lambda config, workdir: {})  # stopped at once
+    config = suite.pretrain_rows(["clip"], "tiny")[0][1]
+    with pytest.raises(SystemExit, match="stopped before its last step"):
+        suite.pretrain(config, tmp_path / "clip")
+    assert (tmp_path / "clip" / "config.json").exists()
+
+
 def test_tower_pyramids_fine_to_coarse():
     from medvlp_jax.models.builders import build_image_tower, tower_config
 

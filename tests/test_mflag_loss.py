@@ -1,6 +1,8 @@
 """M-FLAG's total loss against an independent float64 numpy re-derivation (projectors with
 train-mode batch norm, alignment, orthogonality): value, batch statistics and gradient, on
-random inputs; per-device orthogonality on 8 devices; the frozen LM's [CLS] path."""
+random inputs; per-device orthogonality on 8 devices; the `:original` preset (per-device batch
+norm and orthogonality, PyTorch's running variance) on 2 and 8 devices against the released
+computation re-derived per device; the frozen LM's [CLS] path."""
 
 from __future__ import annotations
 
@@ -56,6 +58,24 @@ def np_orth(z, lam, normalize):
     c = z.T @ z / len(z)
     off = c - np.diag(np.diag(c))
     return 0.5 * (np.sum((np.diag(c) - 1) ** 2) + lam * np.sum(off**2))
+
+
+def np_released_total(inputs, shards):
+    """The released code's loss on `shards` GPUs (DDP without SyncBatchNorm): each GPU runs
+    both projectors with its own batch statistics and its own orthogonality on its rows; the
+    gradient of the mean of the GPUs' losses is DDP's averaged gradient. -> (loss, align,
+    orth, running-statistics targets of GPU 0: biased mean, unbiased variance)."""
+    chunks = [
+        {**inputs, "z": z, "t": t}
+        for z, t in zip(np.split(inputs["z"], shards), np.split(inputs["t"], shards), strict=True)
+    ]
+    parts = [np_total(c) for c in chunks]
+    loss, align, orth = (np.mean([p[i] for p in parts]) for i in range(3))
+    n = len(chunks[0]["z"])
+    stats = jax.tree.map(
+        lambda mv: (mv[0], mv[1] * n / (n - 1)), parts[0][3], is_leaf=lambda x: type(x) is tuple
+    )
+    return loss, align, orth, stats
 
 
 def np_total(inputs, lam=0.0051, normalize=False, orth_chunks=1, orth_weight=1.0):
@@ -164,6 +184,114 @@ def test_per_device_orthogonality_averages_the_shards(tmp_path):
     assert not np.isclose(losses["global"][1]["orth_loss"], orth, rtol=1e-2)
 
 
+def tiny_original(*overrides: str):
+    config = config_lib.load_config_file(str(ROOT / "configs/mflag.py:tiny,original"))
+    return config_lib.apply_overrides(
+        config, ["model.proj_hidden=16", "model.proj_dim=8", *overrides]
+    )
+
+
+def _mesh(devices: int):
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    return jax.make_mesh(
+        (devices, 1, 1), MESH_AXES, axis_types=auto, devices=jax.devices()[:devices]
+    )
+
+
+def _original_loss(config, mesh, tmp_path):
+    """(jitted features loss, its gradient) of `config`'s method on `mesh`."""
+    method = get_method(config)
+    method.setup(SetupContext(method.config, tmp_path, mesh, None, []))
+
+    def run(fn):
+        jitted = jax.jit(fn)
+
+        def under_mesh(x, s):
+            with jax.set_mesh(mesh):  # the batch norms read their shard count from it
+                return jitted(x, s)
+
+        return under_mesh
+
+    value = run(lambda x, s: jax_total(method, x, s))
+    grad = run(jax.grad(lambda x, s: jax_total(method, x, s)[0]))
+    return method, value, grad
+
+
+@pytest.mark.parametrize("devices", [2, 8])
+def test_original_loss_gradient_and_statistics_match_the_released_per_device_computation(
+    devices, tmp_path
+):
+    """`configs/mflag.py:original` on `devices` simulated devices equals the released code on
+    as many GPUs: per-device batch-norm statistics in both projectors, per-device C = Z^T Z / b,
+    the mean of the devices' losses and its gradient, running statistics from device 0's
+    batch with PyTorch's unbiased variance."""
+    mesh = _mesh(devices)
+    method, value, grad = _original_loss(tiny_original(), mesh, tmp_path)
+    inputs, stats = random_inputs(method)
+    loss, metrics, new_state = value(inputs, stats)
+    want, align, orth, running = np_released_total(inputs, devices)
+    np.testing.assert_allclose(loss, want, rtol=2e-5)
+    np.testing.assert_allclose(metrics["align_loss"], align, rtol=2e-5)
+    np.testing.assert_allclose(metrics["orth_loss"], orth, rtol=2e-5)
+    assert not np.isclose(loss, np_total(inputs)[0], rtol=1e-3)  # global statistics differ
+    for head, layers in running.items():
+        for bn, (mean, var) in layers.items():
+            old, got = stats[head][bn], new_state["batch_stats"][head][bn]
+            np.testing.assert_allclose(got["mean"], 0.9 * old["mean"] + 0.1 * mean, atol=1e-5)
+            np.testing.assert_allclose(got["var"], 0.9 * old["var"] + 0.1 * var, rtol=1e-4)
+
+    grads = grad(inputs, stats)
+    rng = np.random.default_rng(devices)
+    for _ in range(3):
+        direction = jax.tree.map(lambda x: rng.normal(size=x.shape), inputs)
+        expected = directional_fd(lambda x: np_released_total(x, devices)[0], inputs, direction)
+        got = sum(
+            float(np.sum(np.asarray(g, np.float64) * d))
+            for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction), strict=True)
+        )
+        np.testing.assert_allclose(got, expected, rtol=2e-3)
+
+
+def test_each_original_switch_changes_only_what_it_names(tmp_path):
+    """From `:original`, setting one switch back to our default changes only its own part:
+    global orthogonality moves L_orth alone; global batch norm moves the alignment and the
+    statistics alone; Flax's running variance moves the running variance alone."""
+    mesh = _mesh(2)
+    runs = {}
+    for name, override in (
+        ("original", ()),
+        ("orth", ("model.orth_batch=global",)),
+        ("bn", ("model.bn_stats=global",)),
+        ("var", ("model.bn_unbiased_running_var=false",)),
+    ):
+        method, value, _ = _original_loss(tiny_original(*override), mesh, tmp_path)
+        inputs, stats = random_inputs(method)
+        _, metrics, state = value(inputs, stats)
+        runs[name] = (metrics, jax.tree.map(np.asarray, state["batch_stats"]))
+    (m0, s0), same, differ = runs["original"], np.testing.assert_allclose, np.isclose
+
+    def stats_equal(a, b, key):
+        return all(np.allclose(x[key], y[key]) for x, y in zip(_bns(a), _bns(b), strict=True))
+
+    m, s = runs["orth"]
+    same(m["align_loss"], m0["align_loss"], rtol=1e-6)
+    assert not differ(m["orth_loss"], m0["orth_loss"], rtol=1e-3)
+    assert stats_equal(s, s0, "mean") and stats_equal(s, s0, "var")
+    m, s = runs["bn"]
+    same(m["orth_loss"], m0["orth_loss"], rtol=1e-6)
+    assert not differ(m["align_loss"], m0["align_loss"], rtol=1e-4)
+    assert not stats_equal(s, s0, "mean")
+    m, s = runs["var"]
+    same(m["align_loss"], m0["align_loss"], rtol=1e-6)
+    same(m["orth_loss"], m0["orth_loss"], rtol=1e-6)
+    assert stats_equal(s, s0, "mean") and not stats_equal(s, s0, "var")
+
+
+def _bns(stats: dict) -> list[dict]:
+    """The {mean, var} dicts of a batch_stats tree, in a fixed order."""
+    return [layer for head in sorted(stats) for _, layer in sorted(stats[head].items())]
+
+
 def _batch(seed=0):
     rng = np.random.default_rng(seed)
     ids = rng.integers(1000, 30000, size=(8, 32)).astype(np.int32)
@@ -212,7 +340,8 @@ def test_loss_uses_the_frozen_lm_cls_and_never_its_gradient():
         assert np.abs(np.asarray(g["proj_v"]["fc0"]["kernel"])).sum() > 0
         values.append(value)
     np.testing.assert_allclose(values[0], want, rtol=1e-4)
-    # With dropout in the frozen LM (the original), [CLS] and so the loss change.
+    # With dropout in the frozen LM (an option of ours; the released LM runs in eval mode),
+    # [CLS] and so the loss change.
     assert not np.isclose(values[1], want, rtol=1e-4)
 
 

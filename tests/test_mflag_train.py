@@ -4,8 +4,10 @@ computed once and reused (also when the weights come from an `init.checkpoint` l
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from medvlp_jax import batch_stats, train
 from medvlp_jax import config as config_lib
@@ -177,3 +180,58 @@ def test_batch_stats_refresh_brings_eval_mode_to_train_mode_and_touches_nothing_
             np.testing.assert_array_equal(a, b)
     for a, b in zip(jax.tree.leaves(refreshed), jax.tree.leaves(again), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _flat(config) -> dict:
+    out = {}
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            out.update({f"{key}.{k}": v for k, v in _flat(value).items()})
+        else:
+            out[key] = value
+    return out
+
+
+def test_original_preset_sets_exactly_the_documented_fields():
+    spec = str(ROOT / "configs/mflag.py")
+    module_spec = importlib.util.spec_from_file_location("mflag_config", spec)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    linked = {"model.image.bn_stats", "model.image.bn_unbiased_running_var"}
+    for preset, extra in (("", set()), ("tiny", {"model.text.max_len"})):
+        base = _flat(config_lib.load_config_file(f"{spec}:{preset}"))
+        original = config_lib.load_config_file(f"{spec}:{preset},original")
+        config_lib.check_choices(original)
+        flat = _flat(original)
+        changed = {k for k in flat if flat[k] != base[k]}
+        assert changed == set(module.ORIGINAL) | linked | {"optim.restart_period"} | extra
+        assert all(flat[k] == v for k, v in module.ORIGINAL.items())
+        assert flat["optim.restart_period"] == flat["train.num_steps"] // 5
+        assert base["model.image.bn_stats"] == "global"
+    with pytest.raises(ValueError, match=r"configs/mflag\.py"):
+        config_lib.load_config_file(spec + ":tiny,scratch")
+
+
+def test_original_preset_trains_end_to_end(tmp_path):
+    """`configs/mflag.py:tiny,original` on the 8 simulated devices (2 rows each): per-device
+    batch norm and orthogonality, 512-token impression + findings, two steps and a resume."""
+    config = config_lib.apply_overrides(
+        config_lib.load_config_file(str(ROOT / "configs/mflag.py:tiny,original")),
+        [
+            "train.num_steps=2",
+            "train.log_every=1",
+            "train.checkpoint_every=1",
+            "train.eval_every=2",
+            f"model.text_cache_dir={tmp_path / 'text_cache'}",
+            *(f"evals.{e}.enabled=false" for e in ("zero_shot", "retrieval", "linear_probe")),
+        ],
+    )
+    assert mesh_lib.make_mesh(config.mesh).devices.size == 8
+    train.run(config, tmp_path / "run")
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = {m["step"]: m for m in lines if "train/loss" in m}
+    assert sorted(losses) == [1, 2] and all(np.isfinite(m["train/loss"]) for m in losses.values())
+    assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+    # `impression += findings`: the findings start right after the impression's full stop.
+    joined = re.compile(r"\.[A-Z]")
+    assert any(joined.search(r.text) for r in sources.load_records(config.data, "train"))

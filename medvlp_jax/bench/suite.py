@@ -14,7 +14,9 @@ MCPL), so "MCPL above both" is measured on the same protocol. Each row pre-train
 the runner keeps its test result). `--set` overrides go to every downstream run. Model
 selection is on the validate split; the figures are the test split's, read once per run.
 
-Writes `DIR/suite.json` (every test metric of every run) and the results page: one table per
+Compiled programs are cached in `DIR/xla_cache` (unless `JAX_COMPILATION_CACHE_DIR` says
+where), so the runs of one task at its fractions compile once. Writes `DIR/suite.json`
+(every test metric of every run) and the results page: one table per
 task (rows: methods; columns: fractions; the task's headline metric), the wall time of each
 run, and a PNG plot beside the page (`<results stem>.png`, headline metric against the label
 fraction).
@@ -27,6 +29,7 @@ import json
 import time
 from pathlib import Path
 
+import jax
 import ml_collections
 
 from medvlp_jax import config as config_lib
@@ -72,6 +75,11 @@ def pretrain(config: ml_collections.ConfigDict, workdir: Path, prerequisite: str
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config_lib.to_json(config))
         train.run(config, workdir)
+        if not prerequisites.finished(config, workdir):
+            raise SystemExit(
+                f"pre-training in {workdir} stopped before its last step; rerun "
+                "the suite to resume it"
+            )
     return workdir
 
 
@@ -170,6 +178,9 @@ def main(argv: list[str]) -> None:
     fractions = [float(f) for f in args.fractions.split(",") if f]
 
     root = Path(args.workdir)
+    if not jax.config.jax_compilation_cache_dir:
+        # Every fraction of a task runs the same programs: compile them once per suite.
+        jax.config.update("jax_compilation_cache_dir", str(root / "xla_cache"))
     record = root / "suite.json"
     earlier = json.loads(record.read_text()) if record.exists() else {}
     suite: dict = {}

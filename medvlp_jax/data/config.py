@@ -50,9 +50,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.zero_shot_per_class = 200
 
     # Text: sections in order of preference; 'first' = the first non-empty one,
-    # 'concat' = all non-empty ones joined in this order.
+    # 'concat' = all non-empty ones joined in this order, with `section_separator` between
+    # them (M-FLAG's released code appends the findings to the impression with no space).
     c.sections = ("findings", "impression")
     c.section_mode = "first"
+    c.section_separator = " "
     # A training example's text: 'report' (the selected sections) | 'random_sentence' (one
     # of their sentences, drawn per example and epoch; evaluation keeps the whole text).
     c.train_text = "report"
@@ -72,12 +74,13 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.mean = (0.5,)
     c.std = (0.5,)
     # Training augmentation (one affine resampling per image): random resized crop (area
-    # fraction, aspect range), rotation in +-degrees, translation in +-fraction of the side.
+    # fraction, aspect range), rotation by a uniform angle in (lo, hi) degrees (counter-
+    # clockwise positive, as torchvision), translation in +-fraction of the side.
     c.augment = ml_collections.ConfigDict()
     c.augment.enabled = True
     c.augment.random_resized_crop_scale = (0.8, 1.0)
     c.augment.random_resized_crop_ratio = (3 / 4, 4 / 3)
-    c.augment.affine_degrees = 5.0
+    c.augment.affine_degrees = (-5.0, 5.0)
     c.augment.affine_translate = 0.02
     # Off by default: a flip swaps the patient's left and right that the report names.
     c.augment.hflip = False

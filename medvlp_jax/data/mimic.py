@@ -90,7 +90,7 @@ def load_mimic(
 
     Args:
       data_cfg: uses root, reports_root, frontal_only, sections, section_mode,
-        min_text_words, on_bad_record, image_check.
+        section_separator, min_text_words, on_bad_record, image_check.
       split: 'train' | 'validate' | 'test'.
       report: collects skipped and filtered records.
       root, reports_root: override the config (SynthCXR passes its cache folder).
@@ -138,7 +138,9 @@ def load_mimic(
             if not raw.strip():
                 report.bad(policy, str(rpath), "empty_text: report is empty")
                 continue
-            text = select_text(raw, data_cfg.sections, data_cfg.section_mode)
+            text = select_text(
+                raw, data_cfg.sections, data_cfg.section_mode, data_cfg.section_separator
+            )
             if not text:
                 report.filter("no_section")
                 continue

@@ -29,14 +29,15 @@ def parse_sections(report: str) -> dict[str, str]:
     return out
 
 
-def select_text(report: str, sections=SECTIONS, mode: str = "first") -> str:
+def select_text(report: str, sections=SECTIONS, mode: str = "first", separator: str = " ") -> str:
     """The training text of a report.
 
     Args:
       report: the raw report.
       sections: section names in order of preference (subset of SECTIONS).
       mode: 'first' = the first non-empty section in `sections` order; 'concat' = all
-        non-empty ones, joined with a space in that order.
+        non-empty ones, joined with `separator` in that order.
+      separator: what 'concat' puts between sections.
 
     Returns:
       The text ('' if none of the sections is present). A report without any 'HEADER:'
@@ -54,7 +55,7 @@ def select_text(report: str, sections=SECTIONS, mode: str = "first") -> str:
     texts = [parsed[s] for s in sections if parsed.get(s)]
     if not texts:
         return ""
-    return texts[0] if mode == "first" else " ".join(texts)
+    return texts[0] if mode == "first" else separator.join(texts)
 
 
 def sentence_starts(text: str) -> list[int]:

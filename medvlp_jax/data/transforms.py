@@ -33,7 +33,7 @@ class ImageSpec:
     augment: bool = False
     crop_scale: tuple[float, float] = (0.8, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    degrees: float = 0.0
+    degrees: tuple[float, float] = (0.0, 0.0)  # counter-clockwise, as torchvision
     translate: float = 0.0
     hflip: bool = False
 
@@ -58,7 +58,7 @@ class ImageSpec:
             augment=augment and a.enabled,
             crop_scale=tuple(a.random_resized_crop_scale),
             crop_ratio=tuple(a.random_resized_crop_ratio),
-            degrees=a.affine_degrees,
+            degrees=rotation_range(a.affine_degrees),
             translate=a.affine_translate,
             hflip=a.hflip,
         )
@@ -70,6 +70,17 @@ class ImageSpec:
             return self.image_size
         side = math.sqrt(self.crop_scale[0] * min(self.crop_ratio[0], 1 / self.crop_ratio[1]))
         return math.ceil(self.image_size / min(side, 1.0))
+
+
+def rotation_range(degrees) -> tuple[float, float]:
+    """`data.augment.affine_degrees` -> (lo, hi) degrees, counter-clockwise positive as
+    torchvision's RandomRotation (a number d, as run configs before the pair held, is +-d)."""
+    if isinstance(degrees, int | float):
+        return (-float(degrees), float(degrees))
+    lo, hi = (float(d) for d in degrees)
+    if lo > hi:
+        raise ValueError(f"data.augment.affine_degrees={tuple(degrees)}: expected lo <= hi")
+    return lo, hi
 
 
 def center_box(width: int, height: int) -> tuple[float, float, float, float]:
@@ -146,7 +157,8 @@ def _augment(img: Image.Image, spec: ImageSpec, rng: np.random.Generator) -> Ima
     """
     s = spec.image_size
     x0, y0, x1, y1 = random_resized_box(*img.size, spec.crop_scale, spec.crop_ratio, rng)
-    angle = np.deg2rad(rng.uniform(-spec.degrees, spec.degrees))
+    # The angle below turns the image clockwise on screen (y down): hence the sign flip.
+    angle = np.deg2rad(rng.uniform(-spec.degrees[1], -spec.degrees[0]))
     tx, ty = rng.uniform(-spec.translate, spec.translate, size=2) * s
     flip = -1.0 if spec.hflip and rng.random() < 0.5 else 1.0
     sx, sy = (x1 - x0) / s, (y1 - y0) / s

@@ -22,6 +22,7 @@ ENCODER_INPUT_FIELDS = (
     "max_text_len",
     "sections",
     "section_mode",
+    "section_separator",
 )
 # Where the data lives: by default the task reads the pre-training run's dataset.
 DATA_LOCATION_FIELDS = ("source", "root", "reports_root", "cache_dir", "synthcxr", "frontal_only")

@@ -28,6 +28,7 @@ import ml_collections
 
 from medvlp_jax import config as config_lib
 from medvlp_jax import console, prerequisites
+from medvlp_jax.data.config import default_data_config
 from medvlp_jax.downstream.config import (
     DATA_LOCATION_FIELDS,
     ENCODER_INPUT_FIELDS,
@@ -67,8 +68,9 @@ def build_config(
     config = config_lib.load_config_file(f"{CONFIGS / name}.py" + (f":{preset}" if preset else ""))
     encoder = pretrained_config(pretrained)
     inputs = encoder_config(encoder).data
+    defaults = default_data_config()  # for fields newer than the run's config.json
     for key in (*ENCODER_INPUT_FIELDS, *DATA_LOCATION_FIELDS):
-        config.data[key] = inputs[key]
+        config.data[key] = inputs.get(key, defaults[key])
     config.downstream.encoder = encoder
     config.init.encoder = load_spec(str(Path(pretrained).absolute()), into="encoder")
     if not 0 < fraction <= 1:

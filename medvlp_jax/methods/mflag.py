@@ -8,16 +8,21 @@ final-layer [CLS] state), the loss is `L = L_align(p, q) + L_orth(Z)` in float32
 `L_align = mean_b 4 - 4 p_b.q_b` (as released) and the Barlow-style orthogonality of
 `C = Z^T Z / B` (see `losses.orthogonality`), with `B` the global batch (default) or each
 batch shard's own rows (`orth_batch='per_device'`, the released code's per-GPU behaviour).
-Both projectors are Linear -> BN -> ReLU -> Linear -> BN(no scale, no bias), BN in train mode.
+Both projectors are Linear -> BN -> ReLU -> Linear -> BN(no scale, no bias), BN in train mode,
+with global-batch statistics by default or each batch shard's own (`bn_stats='per_device'`, the
+released code: DDP without SyncBatchNorm; `models.batch_norm`).
 With `train.compute_dtype=bfloat16` the towers and projectors compute in bf16 (`precision`);
 Z, p, q and t_cls come out float32.
 
-Frozen-embedding cache (beyond the original): without dropout in the frozen LM
-(`text_dropout_in_frozen_lm=False`, default) `t_cls` of every training report is computed
-once per dataset in `setup` (sharded, batched; `embedding_cache`), stored under
-`text_cache_dir` keyed by LM weights + tokenizer + texts, and a data hook adds it to each
-example as `text_cls` [D_text], so the train step never runs the LM. With
-`text_dropout_in_frozen_lm=True` the LM runs every step with its dropout active (original).
+Frozen-embedding cache (beyond the original): the released code runs its frozen LM in eval
+mode (`from_pretrained` returns it so and nothing calls `.train()` on it), so its [CLS]
+embeddings are a function of the report alone. Without dropout in the frozen LM
+(`text_dropout_in_frozen_lm=False`, the default and the released behaviour) `t_cls` of every
+training report is computed once per dataset in `setup` (sharded, batched;
+`embedding_cache`), stored under `text_cache_dir` keyed by LM weights + tokenizer + texts,
+and a data hook adds it to each example as `text_cls` [D_text], so the train step never runs
+the LM. `text_dropout_in_frozen_lm=True` (an option of ours, not the released code's) runs the
+LM every step with its dropout active, a noisier text target.
 Evaluation always runs the LM (class prompts and test reports are not cached).
 
 Config (`config.model`): `image`, `text` (tower configs; text must be 'bert' or 'roberta'),
@@ -25,7 +30,9 @@ pre-trained towers through `config.init` loads into 'image' / 'text' (`importers
 'minilm' or a CXR-BERT folder for the LM),
 `proj_hidden` (2048), `proj_dim` (1024), `orth_normalize` (False), `orth_lambda_offdiag`
 (0.0051), `orth_weight` (1.0, the paper's plain sum; 0 ablates L_orth), `orth_batch`
-('global' | 'per_device'), `text_dropout_in_frozen_lm` (False),
+('global' | 'per_device'), `bn_stats` ('global' | 'per_device': the projectors' batch norms;
+the image tower's are its own `bn_stats` field), `bn_unbiased_running_var` (False; True:
+PyTorch's running variance), `text_dropout_in_frozen_lm` (False),
 `text_cache_dir` ('' = `<data cache dir>/text_cls`), `text_cache_batch_size`.
 
 Params: `image` (tower), `proj_v`, `proj_t` (MLPHead) and `text` (the frozen LM, initialised
@@ -50,6 +57,7 @@ from medvlp_jax.losses.common import l2_normalize
 from medvlp_jax.losses.orthogonality import orthogonality_loss
 from medvlp_jax.methods.base import Method, SetupContext, image_tower_pyramid
 from medvlp_jax.models import pretrained
+from medvlp_jax.models.batch_norm import BatchNormMode
 from medvlp_jax.models.builders import build_image_tower, build_text_tower
 from medvlp_jax.models.heads import MLPHead
 from medvlp_jax.models.layers import Dtype
@@ -72,18 +80,21 @@ class MFlagModel(nn.Module):
         any image tower of `builders` works (its `pooled` output is Z).
       proj_hidden, proj_dim: projector widths (M-FLAG: 2048 -> 1024).
       dtype: the projectors' compute dtype (`precision.compute_dtype`; params float32).
+      bn: the projectors' batch-norm statistics (`models.batch_norm`).
     """
 
     image_cfg: ml_collections.FrozenConfigDict
     proj_hidden: int = 2048
     proj_dim: int = 1024
     dtype: Dtype = jnp.float32
+    bn: BatchNormMode = BatchNormMode()
 
     def setup(self):
         self.image = build_image_tower(ml_collections.ConfigDict(self.image_cfg))
         widths = (self.proj_hidden, self.proj_dim)
-        self.proj_v = MLPHead(widths, final_norm="bn_no_affine", dtype=self.dtype)
-        self.proj_t = MLPHead(widths, final_norm="bn_no_affine", dtype=self.dtype)
+        head = dict(final_norm="bn_no_affine", bn=self.bn, dtype=self.dtype)
+        self.proj_v = MLPHead(widths, **head)
+        self.proj_t = MLPHead(widths, **head)
 
     def image_features(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         """images [B, H, W, C] -> Z [B, D_img] float32 (ResNet-50: global average pool,
@@ -144,11 +155,16 @@ class MFlag(Method):
                 f"config.model.text.name={m.text.name!r}: M-FLAG's language model is a "
                 f"BERT-family encoder, one of {TEXT_TOWERS}"
             )
+        try:  # run configs written before these fields existed hold neither
+            bn = BatchNormMode(m.get("bn_stats", "global"), m.get("bn_unbiased_running_var", False))
+        except ValueError as e:
+            raise ValueError(f"config.model.bn_stats: {e}") from None
         self.model = MFlagModel(
             ml_collections.FrozenConfigDict(m.image),
             m.proj_hidden,
             m.proj_dim,
             precision.compute_dtype(config),
+            bn,
         )
         self.text_tower = build_text_tower(m.text)
         # Compiled once per instance, for every cache build.

@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
+from medvlp_jax.models.batch_norm import BatchNormMode
 from medvlp_jax.models.bert import BertEncoder
 from medvlp_jax.models.clip_text import CLIPTextEncoder
 from medvlp_jax.models.resnet import ResNet50
@@ -47,6 +48,10 @@ _TRANSFORMER = dict(
     dtype=FOLLOW,
     param_dtype="float32",
 )
+# Fields of towers with batch norms: `bn_stats` 'global' | 'per_device' (statistics within
+# each device's batch shard, as DDP without SyncBatchNorm) and `bn_unbiased_running_var`
+# (PyTorch's running variance); see medvlp_jax/models/batch_norm.py.
+BATCH_NORM_FIELDS = dict(bn_stats="global", bn_unbiased_running_var=False)
 _DEFAULTS: dict[str, dict] = {
     "vit": dict(
         _TRANSFORMER,
@@ -58,8 +63,9 @@ _DEFAULTS: dict[str, dict] = {
         pooler=False,
         stem="patch",
         activation="quick_gelu",
+        **BATCH_NORM_FIELDS,  # the 'resnet' stem's
     ),
-    "resnet50": dict(channels=3, dtype=FOLLOW, param_dtype="float32"),
+    "resnet50": dict(channels=3, dtype=FOLLOW, param_dtype="float32", **BATCH_NORM_FIELDS),
     "bert": dict(
         _TRANSFORMER,
         vocab_size=30522,
@@ -164,7 +170,10 @@ def build_image_tower(cfg: ml_collections.ConfigDict):
     f = _fields(cfg, IMAGE_TOWERS)
     if f["name"] == "resnet50":
         return ResNet50(
-            channels=f["channels"], dtype=_dtype(f, "dtype"), param_dtype=_dtype(f, "param_dtype")
+            channels=f["channels"],
+            dtype=_dtype(f, "dtype"),
+            param_dtype=_dtype(f, "param_dtype"),
+            bn=_bn_mode(f),
         )
     return VisionTransformer(
         _transformer(f, norm_first=True),
@@ -175,7 +184,15 @@ def build_image_tower(cfg: ml_collections.ConfigDict):
         proj_dim=f["proj_dim"] or None,
         pooler=f["pooler"],
         stem=f["stem"],
+        bn=_bn_mode(f),
     )
+
+
+def _bn_mode(f: dict) -> BatchNormMode:
+    try:
+        return BatchNormMode(f["bn_stats"], bool(f["bn_unbiased_running_var"]))
+    except ValueError as e:
+        raise ValueError(f"tower {f['name']!r} field bn_stats: {e}") from None
 
 
 def build_text_tower(cfg: ml_collections.ConfigDict):

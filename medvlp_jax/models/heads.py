@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from medvlp_jax.models.attention import MultiHeadAttention, key_padding_mask
+from medvlp_jax.models.batch_norm import BatchNormMode
 from medvlp_jax.models.layers import (
     Dtype,
     activation,
@@ -89,11 +90,13 @@ class MLPHead(nn.Module):
     final_norm: 'none', 'bn' or 'bn_no_affine' (BatchNorm without scale and bias, as M-FLAG's
       projectors end). M-FLAG: `MLPHead((2048, 1024), final_norm='bn_no_affine')` is
       Linear -> BN -> ReLU -> Linear -> BN(no scale/bias).
+    bn: how the batch norms compute their train-mode statistics (`models.batch_norm`).
     Params: fc{i}, bn{i}, and bn_final.
     """
 
     features: Sequence[int]
     batch_norm: bool = True
+    bn: BatchNormMode = BatchNormMode()
     final_norm: str = "none"
     activation: str = "relu"
     use_bias: bool = True
@@ -106,23 +109,19 @@ class MLPHead(nn.Module):
         if self.final_norm not in FINAL_NORMS:
             raise ValueError(f"final_norm {self.final_norm!r} is not one of {FINAL_NORMS}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        norm_kw = dict(train=train, mode=self.bn, **kw)
         last = len(self.features) - 1
         for i, width in enumerate(self.features):
             axes = ("embed" if i == 0 else "mlp", "mlp" if i < last else "proj")
             x = dense(width, axes, use_bias=self.use_bias, name=f"fc{i}", **kw)(x)
             if i < last:
                 if self.batch_norm:
-                    x = batch_norm(train=train, axis_name="mlp", name=f"bn{i}", **kw)(x)
+                    x = batch_norm(axis_name="mlp", name=f"bn{i}", **norm_kw)(x)
                 x = activation(self.activation)(x)
         if self.final_norm != "none":
             affine = self.final_norm == "bn"
             x = batch_norm(
-                train=train,
-                use_scale=affine,
-                use_bias=affine,
-                axis_name="proj",
-                name="bn_final",
-                **kw,
+                use_scale=affine, use_bias=affine, axis_name="proj", name="bn_final", **norm_kw
             )(x)
         return x
 

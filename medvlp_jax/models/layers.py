@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medvlp_jax.models.batch_norm import GLOBAL, BatchNormMode, ShardedBatchNorm
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -112,19 +114,21 @@ def batch_norm(
     epsilon: float = 1e-5,
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
+    mode: BatchNormMode = GLOBAL,
     name: str | None = None,
-) -> nn.BatchNorm:
-    """A `nn.BatchNorm` (PyTorch defaults: momentum 0.1 there = 0.9 here, eps 1e-5).
+) -> nn.Module:
+    """A batch norm layer (PyTorch defaults: momentum 0.1 there = 0.9 here, eps 1e-5).
 
     `train=True` normalises with batch statistics and updates `batch_stats` (apply with
-    `mutable=['batch_stats']`); under `jax.jit` with a sharded batch the statistics are over
-    the global batch. Batch variances are two-pass as in PyTorch. Running variances average
-    the biased batch variance (PyTorch averages the unbiased one: a factor n / (n - 1) on each
-    update), which only matters for training parity, not for imported eval-mode statistics.
+    `mutable=['batch_stats']`). With the default `mode` it is Flax's `nn.BatchNorm`: under
+    `jax.jit` with a sharded batch the statistics are over the global batch, and running
+    variances average the biased batch variance (PyTorch averages the unbiased one: a factor
+    n / (n - 1) on each update). Other modes (`models.batch_norm`: per-device statistics as
+    DDP without SyncBatchNorm, PyTorch's unbiased running variance) build `ShardedBatchNorm`,
+    with the same parameter and statistic names. Batch variances are two-pass in both.
     """
-    return nn.BatchNorm(
+    kw = dict(
         use_running_average=not train,
-        use_fast_variance=False,
         momentum=momentum,
         epsilon=epsilon,
         use_scale=use_scale,
@@ -135,6 +139,9 @@ def batch_norm(
         param_dtype=param_dtype,
         name=name,
     )
+    if mode.is_default:
+        return nn.BatchNorm(use_fast_variance=False, **kw)
+    return ShardedBatchNorm(mode, **kw)
 
 
 def embedding(

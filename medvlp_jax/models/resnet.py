@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medvlp_jax.models.batch_norm import BatchNormMode
 from medvlp_jax.models.layers import Dtype, batch_norm, he_conv_init
 
 STAGES = (("layer1", 64, 3, 1), ("layer2", 128, 4, 2), ("layer3", 256, 6, 2), ("layer4", 512, 3, 2))
@@ -56,11 +57,12 @@ class Bottleneck(nn.Module):
     downsample: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    bn: BatchNormMode = BatchNormMode()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        bn = lambda name: batch_norm(train=train, name=name, **kw)
+        bn = lambda name: batch_norm(train=train, mode=self.bn, name=name, **kw)
         y = nn.relu(bn("bn1")(conv(self.planes, 1, name="conv1", **kw)(x)))
         y = nn.relu(bn("bn2")(conv(self.planes, 3, self.stride, name="conv2", **kw)(y)))
         y = bn("bn3")(conv(self.planes * EXPANSION, 1, name="conv3", **kw)(y))
@@ -73,12 +75,14 @@ class Bottleneck(nn.Module):
 class ResNet50(nn.Module):
     """torchvision ResNet-50 trunk (no fc). Param names mirror torchvision:
     conv1, bn1, layer{1-4}_{j}/{conv1,bn1,conv2,bn2,conv3,bn3,downsample_conv,downsample_bn}.
+    `bn`: how every batch norm computes its train-mode statistics (`models.batch_norm`).
     """
 
     channels: int = 3
     num_stages: int = 4
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    bn: BatchNormMode = BatchNormMode()
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
@@ -91,7 +95,7 @@ class ResNet50(nn.Module):
             raise ValueError(f"ResNet num_stages={self.num_stages}; expected 1..{len(STAGES)}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = conv(64, 7, 2, name="conv1", **kw)(images.astype(self.dtype))
-        x = nn.relu(batch_norm(train=train, name="bn1", **kw)(x))
+        x = nn.relu(batch_norm(train=train, mode=self.bn, name="bn1", **kw)(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         in_features = 64
         pyramid = []
@@ -99,7 +103,8 @@ class ResNet50(nn.Module):
             for j in range(blocks):
                 s = stride if j == 0 else 1
                 down = j == 0 and (s != 1 or in_features != planes * EXPANSION)
-                x = Bottleneck(planes, s, down, name=f"{stage}_{j}", **kw)(x, train)
+                block = Bottleneck(planes, s, down, bn=self.bn, name=f"{stage}_{j}", **kw)
+                x = block(x, train)
                 in_features = planes * EXPANSION
             pyramid.append(x)
         b, h, w, d = x.shape

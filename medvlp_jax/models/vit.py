@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medvlp_jax.models.batch_norm import BatchNormMode
 from medvlp_jax.models.layers import dense, layer_norm, partitioned
 from medvlp_jax.models.resnet import ResNet50
 from medvlp_jax.models.transformer import PromptFn, TransformerConfig, TransformerStack
@@ -94,11 +95,14 @@ class ResNetStem(nn.Module):
     channels: int = 3
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    bn: BatchNormMode = BatchNormMode()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, tuple]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        trunk = ResNet50(self.channels, num_stages=RESNET_STEM_STAGES, name="trunk", **kw)
+        trunk = ResNet50(
+            self.channels, num_stages=RESNET_STEM_STAGES, bn=self.bn, name="trunk", **kw
+        )
         out = trunk(x, train=train)
         proj = nn.Conv(self.width, (1, 1), name="proj", **TOKEN_CONV_INITS, **kw)
         return proj(out["feature_map"]), out["pyramid"]
@@ -119,6 +123,7 @@ class VisionTransformer(nn.Module):
     proj_dim: int | None = None
     pooler: bool = False
     stem: str = "patch"
+    bn: BatchNormMode = BatchNormMode()  # the 'resnet' stem's batch norms
 
     def setup(self):
         if self.layout not in LAYOUTS:
@@ -137,7 +142,7 @@ class VisionTransformer(nn.Module):
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
         clip = self.layout == "clip"
         if self.stem == "resnet":
-            self.patch_embed = ResNetStem(c.width, self.channels, **kw)
+            self.patch_embed = ResNetStem(c.width, self.channels, bn=self.bn, **kw)
         else:
             self.patch_embed = nn.Conv(
                 c.width,

@@ -41,7 +41,7 @@ def default_model_config() -> ml_collections.ConfigDict:
     m.ap_prompt = True  # anatomy-pathology tokens, prompt update and relation loss
     m.gpcm = True  # GPCM prompt production; False: MaPLe's linear text->image coupling
     m.prompt_config = "qk_v"  # 'qk_v' (paper) | 'splice' (released code)
-    m.relation_dim = 64
+    m.relation_dim = 64  # d_r of the relation heads; 0 = D/4 of each tower (released)
     m.keyword_hidden = 256  # keyword predictor hidden width (0 = linear)
     m.keyword_threshold = 0.5
     m.temperature = 0.01
@@ -50,6 +50,34 @@ def default_model_config() -> ml_collections.ConfigDict:
     m.ap_vocab = ""  # '' = the published lists (medvlp_jax/data/mcpl_ap_vocab.json)
     m.ap_max_len = 32  # L, tokens per AP sequence
     m.eval_image_keywords = "predicted"  # 'predicted' | 'report' (leaks the report)
+    # The released code's computation, one switch per difference (configs/mcpl.py:original
+    # sets them all; docs/fidelity.md). Our defaults follow the paper or fix what the
+    # released code does by accident.
+    # GPCM, prompt update and relation heads with biases; False: none (released). Ours keeps
+    # them as ordinary Dense layers; nothing in the paper asks to drop them.
+    m.prompt_bias = True
+    # The prompt update's q, k project D -> D / divisor (released: 4, q.k still scaled by
+    # 1/sqrt(D)). Ours keeps the full width: the update reads L-token keyword sequences,
+    # and D/4 with the D-scale only flattens its attention.
+    m.update_qk_divisor = 1
+    # GPCM nodes per modality (0 = num_prompts). Released: 16, read as rows 0:n (text) and
+    # n:2n (image), i.e. the image prompts come from text nodes and 2(16 - n) nodes are
+    # only mixed in; ours has exactly the n text + n image nodes it reads (the paper's graph).
+    m.gpcm_nodes = 0
+    # One learned AP vector per layer for both AP tokens (the paper's shared_param_c);
+    # True: separate anatomy and pathology vectors (released), still shared by both towers.
+    m.separate_ap_params = False
+    # The AP sequences' padding is masked in the towers, in the keyword means and in the
+    # update's and relation's keys; False (released): every one of the L positions counts,
+    # padding included, so short keyword lists are averaged mostly over pad tokens.
+    m.ap_padding_mask = True
+    # Layer 0 carries the n modality prompts + the 2 AP tokens, like every prompted layer;
+    # True (released): R = n + 2 free context vectors per tower, no keywords at layer 0.
+    m.layer0_context = False
+    # Layer 0's rows are extra tokens after the first one (no positional embedding); True
+    # (released): text rows overwrite report tokens 1..R before the embedding (losing
+    # those words), image rows join the patches before ln_pre. Needs prompt_config='splice'.
+    m.layer0_in_input = False
     return m
 
 

@@ -1,23 +1,33 @@
 """The MCPL model: a frozen CLIP-style two-tower backbone plus deep multi-modal prompts.
 
 Params: `backbone` (a `TwoTower`: frozen) and the trainable prompt parts:
-`text_prompts` `[J, n, D*]`, `image_prompts` `[J, n, D*]` (GPCM) or `coupling_{c}` (MaPLe),
-`gpcm_{c}`, `ap_shared` `[J, Dj]`, `{text,image}_update_{c}`, `{text,image}_relation_{c}`,
-`ap_to_image` (Linear D_text -> D_vis), `ap_posemb` `[L, D_vis]` and `keywords` (the keyword
-predictor). J = prompt depth, n = prompts per modality (2), c = a deep layer (1..J-1),
-Dj = max(D_text, D_vis): the joint width in which prompt parameters shared by both towers
-live; each tower reads its first D dims (the published design states it for the AP params).
+`text_prompts` `[J', K, D*]`, `image_prompts` `[J', K, D*]` (GPCM) or `coupling_{c}` (MaPLe),
+`gpcm_{c}`, `ap_shared` `[J', Dj]` (`[J', 2, Dj]` with `separate_ap_params`),
+`{text,image}_context` `[R, D]` (`layer0_context` only), `{text,image}_update_{c}`,
+`{text,image}_relation_{c}`, `ap_to_image` (Linear D_text -> D_vis), `ap_posemb` `[L, D_vis]`
+and `keywords` (the keyword predictor). J = prompt depth, J' = J (J - 1 with
+`layer0_context`), n = prompts per modality (2), K = GPCM nodes per modality (`gpcm_nodes`,
+default n), R = prompt rows per layer (n + 2 with the AP prompt, else n), c = a deep layer
+(1..J-1), Dj = max(D_text, D_vis): the joint width in which prompt parameters shared by both
+towers live; each tower reads its first D dims (the published design states it for the AP
+params).
 
 Per prompted layer c of each tower (see `prompts.py` for GPCM, update and relation):
 
-1. Modality prompts. Layer 0: the learned contexts `text_prompts[0]`, `image_prompts[0]`.
-   Deep layers: `[Pt_c ; Pi_c]` -> GPCM -> (text rows, image rows). Without GPCM (`gpcm=False`,
-   MaPLe): text prompts are `text_prompts[c]` and image prompts `coupling_c(text_prompts[c])`.
+1. Modality prompts. Layer 0: the learned contexts `text_prompts[0][:n]`,
+   `image_prompts[0][:n]`. Deep layers: `[Pt_c ; Pi_c]` `[2K, Dj]` -> GPCM -> rows 0:n text
+   prompts, rows n:2n image prompts. Without GPCM (`gpcm=False`, MaPLe): text prompts are
+   `text_prompts[c]` and image prompts `coupling_c(text_prompts[c])`. With `layer0_context`
+   (the released code) layer 0 carries all R rows as learned vectors per tower
+   (`{text,image}_context`, no keywords) and the other parameters start at layer 1.
 2. AP tokens (`ap_prompt=True`): the anatomy sequence `a` and pathology sequence `p` `[B, L]`
    run through the same frozen layers (text side: the text tower itself; image side: the
    frozen token embedding -> `ap_to_image` + `ap_posemb`, no `ln_pre`, the vision layers);
    `a_c`, `p_c` are their hidden states entering layer c. Anatomy token
-   `ap_shared[c] + mean(a_c)`, pathology token `ap_shared[c] + mean(p_c)` (masked means).
+   `ap_shared[c] + mean(a_c)`, pathology token `ap_shared[c] + mean(p_c)` (masked means; with
+   `separate_ap_params` each token has its own vector). `ap_padding_mask=False` (the released
+   code) ignores the sequences' padding everywhere: the towers run them unmasked, the means
+   and the update's and relation's keys take in every one of the L positions.
 3. Prompt update (deep layers, with AP): `Z = PromptUpdate(P, [a_c ; p_c ; prev])`, where
    `prev` are the previous layer's outputs at the prompt rows; relation rows
    `R_c = RelationHead(Z, [a_c ; p_c])` `[B, n, 2L]`, stacked over c -> `[B, n(J-1), 2L]`.
@@ -32,6 +42,11 @@ Per prompted layer c of each tower (see `prompts.py` for GPCM, update and relati
      their output, `prev` of the next layer) carries the AP tokens.
    After layer J-1 the prompt rows' outputs go on through the later layers as plain tokens.
    Without AP (`ap_prompt=False`) the rows are just `Z` (MaPLe / CoOp-style baselines).
+   `layer0_in_input` (the released code) places layer 0's rows in the towers' inputs
+   instead: text rows overwrite report tokens 1..R before the embedding layer (they take
+   those positions' embeddings; the overwritten tokens stay in the sequence masked out, so
+   nothing attends them and pooling skips them), image rows join the patch tokens before
+   `ln_pre` (the image tower has no positions after its embedding, so where is immaterial).
 """
 
 from __future__ import annotations
@@ -53,6 +68,16 @@ from medvlp_jax.models.two_tower import TwoTower
 
 PROMPT_CONFIGS = ("qk_v", "splice")
 KEYWORD_SOURCES = ("report", "predicted")
+BOOL_FIELDS = (
+    "image_prompts",
+    "ap_prompt",
+    "gpcm",
+    "prompt_bias",
+    "separate_ap_params",
+    "ap_padding_mask",
+    "layer0_context",
+    "layer0_in_input",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,10 +93,18 @@ class PromptOptions:
     relation_dim: int = 64
     keyword_hidden: int = 256
     keyword_threshold: float = 0.5
+    prompt_bias: bool = True
+    update_qk_divisor: int = 1
+    gpcm_nodes: int = 0
+    separate_ap_params: bool = False
+    ap_padding_mask: bool = True
+    layer0_context: bool = False
+    layer0_in_input: bool = False
 
     @classmethod
     def from_config(cls, model_cfg: ml_collections.ConfigDict) -> PromptOptions:
         opts = cls(**{f.name: model_cfg[f.name] for f in dataclasses.fields(cls)})
+        opts.check_switches()
         if opts.prompt_config not in PROMPT_CONFIGS:
             raise ValueError(
                 f"config.model.prompt_config={opts.prompt_config!r}; expected one of "
@@ -90,6 +123,49 @@ class PromptOptions:
                 f"prompts: it needs config.model.num_prompts=2, got {opts.num_prompts}"
             )
         return opts
+
+    def check_switches(self) -> None:
+        """The released-code switches: types, ranges, and that each one has something to
+        change under the other options. Raises ValueError naming the field."""
+        for name in BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"config.model.{name}={getattr(self, name)!r}; expected True or False"
+                )
+        gpcm = self.prompt_depth > 1 and self.gpcm and self.image_prompts
+        changed = lambda name: getattr(self, name) != getattr(PromptOptions, name)
+        layer0 = "needs prompt_depth >= 1 and prompt_config='splice'"
+        no_layer0 = not self.prompt_depth or self.prompt_config != "splice"
+        problems = (
+            ("update_qk_divisor", self.update_qk_divisor < 1, "must be >= 1"),
+            ("relation_dim", self.relation_dim < 0, "must be >= 0 (0: D/4 per tower)"),
+            (
+                "gpcm_nodes",
+                self.gpcm_nodes and (self.gpcm_nodes < self.num_prompts or not gpcm),
+                "must be 0 or >= num_prompts, with GPCM on (gpcm, image_prompts, depth > 1)",
+            ),
+            (
+                "prompt_bias",
+                not self.prompt_bias and not (gpcm or self.uses_ap),
+                "=False needs GPCM or the AP prompt (the modules it takes the bias from)",
+            ),
+            *(
+                (name, changed(name) and not self.uses_ap, "needs the AP prompt")
+                for name in ("update_qk_divisor", "separate_ap_params", "ap_padding_mask")
+            ),
+            *(
+                (name, getattr(self, name) and no_layer0, layer0)
+                for name in ("layer0_context", "layer0_in_input")
+            ),
+        )
+        for name, bad, why in problems:
+            if bad:
+                raise ValueError(f"config.model.{name}={getattr(self, name)!r}: {why}")
+
+    @property
+    def rows(self) -> int:
+        """R: prompt rows per prompted layer ('splice': n modality prompts + 2 AP tokens)."""
+        return self.num_prompts + 2 * self.uses_ap
 
     @property
     def uses_ap(self) -> bool:
@@ -141,30 +217,37 @@ class McplModel(nn.Module):
                 f"({depth_limit})"
             )
         depth, n, deep = o.prompt_depth, o.num_prompts, range(1, o.prompt_depth)
+        first = int(o.layer0_context)  # the first layer that reads text_prompts / ap_shared
         dt, dv = self.text_cfg.width, self.image_cfg.width
         joint = max(dt, dv) if o.image_prompts else dt
         prompt_init = partitioned(nn.initializers.normal(0.02), "layers", None, "embed")
         gpcm = o.gpcm and o.image_prompts
-        self.text_prompts = self.param(
-            "text_prompts", prompt_init, (depth, n, joint if gpcm else dt)
-        )
+        if o.layer0_context:
+            context_init = partitioned(nn.initializers.normal(0.02), None, "embed")
+            self.text_context = self.param("text_context", context_init, (o.rows, dt))
+            if o.image_prompts:
+                self.image_context = self.param("image_context", context_init, (o.rows, dv))
+        nodes = (depth - first, o.gpcm_nodes or n)
+        self.text_prompts = self.param("text_prompts", prompt_init, (*nodes, joint if gpcm else dt))
         if gpcm:
-            self.image_prompts = self.param("image_prompts", prompt_init, (depth, n, joint))
-            self.gpcm = _layer_dict(Gpcm, deep, dtype=self.dtype)
+            self.image_prompts = self.param("image_prompts", prompt_init, (*nodes, joint))
+            self.gpcm = _layer_dict(Gpcm, deep, use_bias=o.prompt_bias, dtype=self.dtype)
         elif o.image_prompts:
             self.coupling = {
-                str(c): dense(dv, ("embed", None), dtype=self.dtype) for c in range(depth)
+                str(c): dense(dv, ("embed", None), dtype=self.dtype) for c in range(first, depth)
             }
         if o.uses_ap:
+            groups = (2,) if o.separate_ap_params else ()  # anatomy, pathology
             self.ap_shared = self.param(
                 "ap_shared",
-                partitioned(nn.initializers.normal(0.02), "layers", "embed"),
-                (depth, joint),
+                partitioned(nn.initializers.normal(0.02), "layers", *[None] * len(groups), "embed"),
+                (depth - first, *groups, joint),
             )
-            self.text_update = _layer_dict(PromptUpdate, deep, dtype=self.dtype)
+            update = dict(qk_divisor=o.update_qk_divisor, use_bias=o.prompt_bias, dtype=self.dtype)
+            self.text_update = _layer_dict(PromptUpdate, deep, **update)
         if o.image_ap:
-            self.image_update = _layer_dict(PromptUpdate, deep, dtype=self.dtype)
-            relation = dict(dim=o.relation_dim, dtype=self.dtype)
+            self.image_update = _layer_dict(PromptUpdate, deep, **update)
+            relation = dict(dim=o.relation_dim, use_bias=o.prompt_bias, dtype=self.dtype)
             self.text_relation = _layer_dict(RelationHead, deep, **relation)
             self.image_relation = _layer_dict(RelationHead, deep, **relation)
             self.ap_to_image = dense(dv, ("embed", None), dtype=self.dtype)
@@ -180,24 +263,30 @@ class McplModel(nn.Module):
     # ------------------------------------------------------------------ prompt pieces
 
     def _base_prompts(self) -> tuple[list[jax.Array], list[jax.Array]]:
-        """Per layer: text prompts [n, D_text] and image prompts [n, D_vis] (step 1)."""
+        """Per layer: text prompts [n, D_text] and image prompts [n, D_vis] (step 1; with
+        `layer0_context`, layer 0's are the R context rows)."""
         o = self.options
         dt, dv, n = self.text_cfg.width, self.image_cfg.width, o.num_prompts
         texts, images = [], []
-        for c in range(o.prompt_depth):
-            pt = self.text_prompts[c]
+        first = int(o.layer0_context)
+        if first:
+            texts.append(self.text_context)
+            if o.image_prompts:
+                images.append(self.image_context)
+        for c in range(first, o.prompt_depth):
+            pt = self.text_prompts[c - first]
             if not o.image_prompts:
                 texts.append(pt)
             elif not o.gpcm:
                 texts.append(pt)
                 images.append(self.coupling[str(c)](pt))
             else:
-                pi = self.image_prompts[c]
-                if c > 0:
-                    joint, _ = self.gpcm[str(c)](jnp.concatenate([pt, pi]))
-                    pt, pi = joint[:n], joint[n:]
-                texts.append(pt[:, :dt])
-                images.append(pi[:, :dv])
+                pi = self.image_prompts[c - first]
+                if c > 0:  # rows 0:n text prompts, rows n:2n image prompts
+                    pt, _ = self.gpcm[str(c)](jnp.concatenate([pt, pi]))
+                    pi = pt[n:]
+                texts.append(pt[:n, :dt])
+                images.append(pi[:n, :dv])
         return texts, images
 
     def _ap_states(self, side: str, ap_ids: jax.Array, ap_mask: jax.Array) -> list[jax.Array]:
@@ -206,6 +295,8 @@ class McplModel(nn.Module):
         traced but unused (XLA drops them)."""
         b, _, length = ap_ids.shape
         ids, mask = ap_ids.reshape(2 * b, length), ap_mask.reshape(2 * b, length)
+        if not self.options.ap_padding_mask:  # the released code: every position is a token
+            mask = jnp.ones_like(mask)
         states: list[jax.Array] = []
 
         def record(i, hidden, prev):
@@ -220,29 +311,36 @@ class McplModel(nn.Module):
             self.backbone.image.encoder(x + posemb, mask, prompt_fn=record)
         return states
 
-    def _prompt_fn(self, side: str, base: list, ap_states, ap_mask, relations: list):
+    def _prompt_fn(
+        self, side: str, base: list, ap_states, ap_mask, relations: list, *, placed: bool = True
+    ):
         """The tower's `prompt_fn` (steps 2-4); appends relation rows [B, n, 2L] to
-        `relations` as the tower runs."""
+        `relations` as the tower runs. `placed=False`: the layers' rows before step 4's
+        placement of layer 0 (`layer0_in_input`)."""
         o = self.options
         update = getattr(self, f"{side}_update", None)
         relation = getattr(self, f"{side}_relation", None) if o.image_ap else None
+        keep = ap_mask if o.ap_padding_mask else None  # [B, 2, L] or None: every position
+        first = int(o.layer0_context)
 
-        def prompt_fn(i: int, hidden: jax.Array, prev: jax.Array | None):
+        def rows(i: int, hidden: jax.Array, prev: jax.Array | None):
             if i >= o.prompt_depth:
                 return None
             prompts = jnp.broadcast_to(base[i], (hidden.shape[0], *base[i].shape))
-            if ap_states is None:
+            if ap_states is None or i < first:
                 return LayerPrompts(prompts.astype(hidden.dtype))
             a, p = ap_states[i][:, 0], ap_states[i][:, 1]
-            means = jnp.stack([masked_mean(a, ap_mask[:, 0]), masked_mean(p, ap_mask[:, 1])], 1)
-            ap = self.ap_shared[i, : hidden.shape[-1]] + means  # [B, 2, D]
+            group_keep = (None, None) if keep is None else (keep[:, 0], keep[:, 1])
+            means = jnp.stack([masked_mean(a, group_keep[0]), masked_mean(p, group_keep[1])], 1)
+            ap = self.ap_shared[i - first][..., : hidden.shape[-1]] + means  # [B, 2, D]
             if i > 0:
                 keys = jnp.concatenate([a, p], axis=1)
-                key_mask = jnp.concatenate([ap_mask[:, 0], ap_mask[:, 1]], axis=1)
+                key_mask = None if keep is None else jnp.concatenate(group_keep, axis=1)
                 context = jnp.concatenate([keys, prev], axis=1)
-                context_mask = jnp.concatenate(
-                    [key_mask, jnp.ones(prev.shape[:2], key_mask.dtype)], axis=1
-                )
+                context_mask = None
+                if key_mask is not None:
+                    prev_mask = jnp.ones(prev.shape[:2], key_mask.dtype)
+                    context_mask = jnp.concatenate([key_mask, prev_mask], axis=1)
                 prompts = update[str(i)](prompts, context, context_mask)
                 if relation is not None:
                     relations.append(relation[str(i)](prompts, keys, key_mask))
@@ -250,7 +348,29 @@ class McplModel(nn.Module):
                 return LayerPrompts(ap.astype(hidden.dtype), values=prompts.astype(hidden.dtype))
             return LayerPrompts(jnp.concatenate([prompts, ap], axis=1).astype(hidden.dtype))
 
-        return prompt_fn
+        def prompt_fn(i: int, hidden: jax.Array, prev: jax.Array | None):
+            if i or not o.layer0_in_input:
+                return rows(i, hidden, prev)
+            if side == "text":  # `_overwrite_report` wrote the rows over tokens 1..R
+                return LayerPrompts(hidden[:, 1 : 1 + o.rows])
+            return LayerPrompts(self.backbone.image.ln_pre(rows(0, hidden, None).tokens))
+
+        return prompt_fn if placed else rows
+
+    def _overwrite_report(self, rows, input_ids: jax.Array, attention_mask: jax.Array):
+        """`layer0_in_input`, text side: layer 0's rows (`rows(0, ...)` [B, R, D]) written over
+        the token embeddings of report tokens 1..R -> (inputs_embeds [B, T, D], attention
+        mask [B, T] with those tokens off)."""
+        r = self.options.rows
+        if input_ids.shape[1] < r + 2:
+            raise ValueError(
+                f"config.model.layer0_in_input: reports of {input_ids.shape[1]} tokens leave "
+                f"no room for {r} prompt rows after the first token"
+            )
+        embeds = self.backbone.text.embed_tokens(input_ids)
+        tokens = rows(0, embeds, None).tokens.astype(embeds.dtype)
+        mask = jnp.asarray(attention_mask).at[:, 1 : 1 + r].set(0)
+        return embeds.at[:, 1 : 1 + r].set(tokens), mask
 
     @staticmethod
     def _stack(relations: list) -> jax.Array | None:
@@ -326,8 +446,13 @@ class McplModel(nn.Module):
         base, _ = self._base_prompts()
         states = self._ap_states("text", ap_ids, ap_mask) if o.uses_ap else None
         relations: list = []
-        fn = self._prompt_fn("text", base, states, ap_mask, relations)
-        z = self.backbone.embed_texts(input_ids, attention_mask, prompt_fn=fn)
+        kw = {"prompt_fn": self._prompt_fn("text", base, states, ap_mask, relations)}
+        if o.layer0_in_input:
+            rows = self._prompt_fn("text", base, states, ap_mask, relations, placed=False)
+            kw["inputs_embeds"], attention_mask = self._overwrite_report(
+                rows, input_ids, attention_mask
+            )
+        z = self.backbone.embed_texts(input_ids, attention_mask, **kw)
         return z, self._stack(relations)
 
     def __call__(self, images, input_ids, attention_mask, ap_ids=None, ap_mask=None) -> dict:
