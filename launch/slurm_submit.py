@@ -5,8 +5,10 @@
     python launch/slurm_submit.py ... --dry_run     # print the script and the sbatch command
 
 The rendered script sets `#SBATCH --nodes/--ntasks-per-node/--gres=gpu:G/...` from the flags and
-bakes CONFIG, WORKDIR and the overrides in (`set -- ...`), so the file kept under
-`--script_dir` records exactly what ran. Standard library only.
+bakes CONFIG, WORKDIR and the overrides in (`set -- ...`, shell-quoted), so the file kept under
+`--script_dir` records exactly what ran. The values written into `#SBATCH` lines may hold
+letters, digits and a few safe punctuation marks only (`DIRECTIVE_CHARS`): a newline there
+would start a shell line of the script. Standard library only.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
+import string
 import subprocess
 import sys
 import time
@@ -21,6 +24,16 @@ from pathlib import Path
 
 TEMPLATE = Path(__file__).resolve().with_name("slurm_gpu.sbatch")
 _ARGS_BLOCK = re.compile(r"(# >>> run arguments[^\n]*\n)(.*?)(# <<< run arguments)", re.S)
+_WORD = string.ascii_letters + string.digits + "._-"
+# The characters each flag written into an `#SBATCH` line may hold. bash runs the script (a
+# newline, `;` or `$(...)` must not reach it) and sbatch reads the directives with its own
+# quoting; `--job_name` also names the rendered file (no `/`).
+DIRECTIVE_CHARS = {
+    "job_name": _WORD,
+    "time": _WORD + ":",
+    "partition": _WORD + ",",
+    "account": _WORD,
+}
 
 
 def set_directive(script: str, key: str, value: str) -> str:
@@ -33,8 +46,25 @@ def set_directive(script: str, key: str, value: str) -> str:
     return script[: last.end()] + "\n" + line + script[last.end() :]
 
 
+def check_directive_values(args: argparse.Namespace) -> None:
+    """Fails naming the flag and the character when a value bound for an `#SBATCH` line holds
+    one outside `DIRECTIVE_CHARS` (or `--job_name` / `--time` is empty)."""
+    for flag, allowed in DIRECTIVE_CHARS.items():
+        value = getattr(args, flag)
+        if not value and flag in ("job_name", "time"):
+            raise SystemExit(f"slurm_submit.py: --{flag} must not be empty")
+        bad = next((c for c in value if c not in allowed), None)
+        if bad is not None:
+            punctuation = " ".join(c for c in allowed if not c.isalnum())
+            raise SystemExit(
+                f"slurm_submit.py: --{flag}={value!r}: character {bad!r} is not allowed in an "
+                f"#SBATCH line (use letters, digits and {punctuation})"
+            )
+
+
 def render(args: argparse.Namespace, overrides: list[str], template: str) -> str:
     """The sbatch script for these flags: one task (process) per GPU on every node."""
+    check_directive_values(args)
     directives = {
         "job-name": args.job_name,
         "nodes": str(args.nodes),

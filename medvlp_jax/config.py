@@ -3,13 +3,16 @@
 Every file in `configs/` starts from `base_config()` and sets the method's own fields. The
 config is locked before command-line overrides are applied, so a misspelt key fails at start,
 and `check_overrides` fails even earlier with the closest valid key in the message.
+`validate` then checks the values (`CHOICES`, `RANGES`) before any work starts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.util
 import json
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -17,21 +20,144 @@ import ml_collections
 
 from medvlp_jax.data import reports
 from medvlp_jax.data.config import default_data_config
-from medvlp_jax.parallel.distributed import default_distributed_config
+from medvlp_jax.parallel.distributed import JAX_CLUSTER_METHODS, default_distributed_config
 
 
 class ConfigError(ValueError):
     """A config file, key or value is wrong; the message names it."""
 
 
-# Fields whose value must come from a fixed set; checked by `check_choices`.
-CHOICES: dict[str, tuple[str, ...]] = {
+# Fields whose value must come from a fixed set; checked by `check_choices`. In a path, `*`
+# stands for any one key (`evals.*.split`: every evaluator's); a field the config lacks
+# (another method's) is skipped. Most tuples copy constants of the modules that read the
+# field, which import jax (this module must not): tests/reliability/test_config.py keeps
+# them equal.
+CHOICES: dict[str, tuple] = {
     "mode": ("train", "eval", "data"),
+    "data.source": ("synthcxr", "mimic", "roco", "manifest"),
+    "data.section_mode": reports.SECTION_MODES,
     "data.train_text": reports.TRAIN_TEXTS,
+    "data.uncertain_policy": ("ones", "zeros", "ignore"),
+    "data.on_bad_record": ("skip", "error"),
+    "data.image_check": ("header", "decode"),
+    "data.on_bad_csv": ("error", "warn"),
+    "data.channels": (1, 3),
+    "mesh.strategy": ("", "dp", "fsdp", "fsdp_tp"),
+    "distributed.auto_detect": ("auto", "off", *JAX_CLUSTER_METHODS),
+    "distributed.cpu_collectives": ("gloo", "mpi"),
+    "evals.*.split": ("train", "validate", "test"),
+    "evals.*.label_mode": ("multilabel", "multiclass"),
+    "downstream.task": ("classification", "segmentation", "detection"),
+    "downstream.label_mode": ("multilabel", "multiclass"),
     "optim.name": ("adamw", "sgd"),
     "optim.schedule": ("constant", "cosine", "linear", "cosine_restarts"),
     "train.compute_dtype": ("float32", "bfloat16"),
     "train.keep_best_mode": ("max", "min"),
+    "train.on_nonfinite": ("stop", "skip"),
+    "train.on_bad_checkpoint": ("fallback", "error"),
+    # Towers (medvlp_jax/models/builders.py) and method-specific model fields.
+    "model.image.name": ("vit", "resnet50"),
+    "model.text.name": ("bert", "roberta", "clip_text"),
+    "model.*.layout": ("clip", "hf"),
+    "model.*.stem": ("patch", "resnet"),
+    "model.*.activation": ("gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu"),
+    "model.*.dtype": ("", "float32", "bfloat16"),
+    "model.*.param_dtype": ("float32", "bfloat16"),
+    "model.*.bn_stats": ("global", "per_device"),
+    "model.bn_stats": ("global", "per_device"),
+    "model.loss": ("clip", "siglip"),
+    "model.text_pooling": ("mean", "first", "pooled"),
+    "model.orth_batch": ("global", "per_device"),
+    "model.prompt_config": ("qk_v", "splice"),
+    "model.eval_image_keywords": ("report", "predicted"),
+    "model.prompt_similarity": ("dot", "cosine"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """The numbers a field may hold: from `low` to `high` (either end excluded when `*_open`),
+    or `special` (e.g. -1 = automatic), with a `note` on what the special values mean."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    special: int | None = None
+    note: str = ""
+
+    def admits(self, value) -> bool:
+        """Whether the number `value` is within the bound (or the special value)."""
+        if value == self.special:
+            return True
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            text = f"{'>' if self.low_open else '>='} {self.low:g}"
+        else:
+            left, right = "(["[not self.low_open], ")]"[not self.high_open]
+            text = f"a number in {left}{self.low:g}, {self.high:g}{right}"
+        if self.special is not None:
+            text = f"{self.special} or {text}"
+        return text + (f" ({self.note})" if self.note else "")
+
+
+_COUNT = Bound(1)  # a count or an interval in steps: at least 1
+_NON_NEGATIVE = Bound(0)
+_AXIS = Bound(1, special=-1, note="-1: the remaining devices")
+
+# Numeric fields and the values they admit; checked by `check_ranges` (paths as in CHOICES).
+RANGES: dict[str, Bound] = {
+    "eval_step": Bound(0, special=-1, note="-1: the latest checkpoint"),
+    "optim.lr": Bound(0, low_open=True),
+    "optim.weight_decay": _NON_NEGATIVE,
+    "optim.b1": Bound(0, 1, high_open=True),
+    "optim.b2": Bound(0, 1, high_open=True),
+    "optim.eps": _NON_NEGATIVE,
+    "optim.momentum": _NON_NEGATIVE,
+    "optim.warmup_steps": _NON_NEGATIVE,
+    "optim.warmup_init_lr": _NON_NEGATIVE,
+    "optim.end_lr": _NON_NEGATIVE,
+    "optim.restart_period": _COUNT,
+    "optim.clip_grad_norm": Bound(0, note="0: no clipping"),
+    "optim.grad_accum_steps": _COUNT,
+    "train.num_steps": Bound(
+        0, note="0: train nothing and evaluate the initial weights; with train.stages: their total"
+    ),
+    "train.log_every": _COUNT,
+    "train.eval_every": _COUNT,
+    "train.checkpoint_every": _COUNT,
+    "train.keep_checkpoints": _COUNT,
+    "train.refresh_batch_stats": Bound(0, note="0: off"),
+    "train.max_nonfinite_in_row": _COUNT,
+    "stages.*.num_steps": _COUNT,
+    "mesh.data": _AXIS,
+    "mesh.fsdp": _AXIS,
+    "mesh.tensor": _AXIS,
+    "data.batch_size": _COUNT,
+    "data.eval_batch_size": _COUNT,
+    "data.num_workers": Bound(0, note="0: load in the main process"),
+    "data.prefetch": _NON_NEGATIVE,
+    "data.image_size": _COUNT,
+    "data.max_text_len": _COUNT,
+    "data.min_text_words": _NON_NEGATIVE,
+    "data.label_fraction": Bound(0, 1, low_open=True),
+    "data.zero_shot_per_class": _COUNT,
+    "data.synthcxr.num_studies": _COUNT,
+    "data.synthcxr.image_size": _COUNT,
+    "data.synthcxr.zero_shot_per_class": Bound(0, note="0: automatic"),
+    "evals.*.max_examples": _COUNT,
+    "evals.*.rerank_k": Bound(0, note="0: off"),
+    "evals.*.steps": _COUNT,
+    "evals.*.max_train_examples": _COUNT,
+    "downstream.head_hidden": Bound(0, note="0: a linear head"),
+    "downstream.decoder_width": _COUNT,
+    "downstream.out_stride": _COUNT,
+    "downstream.max_boxes": _COUNT,
+    "downstream.top_k": _COUNT,
 }
 
 
@@ -85,6 +211,14 @@ def base_config() -> ml_collections.ConfigDict:
     # Before each evaluation, re-estimate batch-norm running statistics at the current weights
     # from this many training batches (0: off); see medvlp_jax/batch_stats.py.
     c.train.refresh_batch_stats = 0
+    # A step whose loss or gradient norm is not finite never updates the state. "stop": the
+    # run exits naming the step and the last good checkpoint; "skip": the step is dropped,
+    # counted (train/nonfinite_skipped), and the run stops after max_nonfinite_in_row.
+    c.train.on_nonfinite = "stop"
+    c.train.max_nonfinite_in_row = 10
+    # A damaged or incomplete latest checkpoint (checksums, metadata): "fallback" moves it
+    # aside (checkpoints/damaged/) and restores the previous complete step; "error" stops.
+    c.train.on_bad_checkpoint = "fallback"
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1
@@ -231,12 +365,60 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     return config
 
 
-def check_choices(config: ml_collections.ConfigDict) -> None:
-    """Fails when an enumerated field holds a value outside its choices."""
-    for path, allowed in CHOICES.items():
+def _rule(table: dict, path: str):
+    """The entry of `table` whose pattern matches the dotted `path` (`*`: any one key)."""
+    parts = path.split(".")
+    for pattern, rule in table.items():
+        want = pattern.split(".")
+        if len(want) == len(parts) and all(w in ("*", p) for w, p in zip(want, parts)):
+            return rule
+    return None
+
+
+def check_choices(config: ml_collections.ConfigDict, prefix: str = "") -> None:
+    """Fails when an enumerated field (`CHOICES`) holds a value outside its choices; `prefix`
+    is where `config` sits in the run config, for the message."""
+    for path in leaf_paths(config):
+        allowed = _rule(CHOICES, path)
         value = lookup(config, path)
-        if value not in allowed:
-            raise ConfigError(f"config.{path}={value!r}; expected one of {allowed}")
+        if allowed is not None and value not in allowed:
+            raise ConfigError(f"config.{prefix}{path}={value!r}; expected one of {allowed}")
+
+
+def check_ranges(config: ml_collections.ConfigDict, prefix: str = "") -> None:
+    """Fails when a numeric field (`RANGES`) holds a value outside its bound (or no number)."""
+    for path in leaf_paths(config):
+        bound = _rule(RANGES, path)
+        if bound is None:
+            continue
+        value = lookup(config, path)
+        is_number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (is_number and bound.admits(value)):
+            raise ConfigError(f"config.{prefix}{path}={value!r}; expected {bound}")
+
+
+def _sections(config: ml_collections.ConfigDict, prefix: str = ""):
+    """(prefix, config) of the run config, of each stage's `set` (the fields it changes) and,
+    recursively, of each prerequisite run."""
+    yield prefix, config
+    for name, spec in config.get("stages", {}).items():
+        if isinstance(spec, ml_collections.ConfigDict) and "set" in spec:
+            yield f"{prefix}stages.{name}.set.", spec.set
+    for name, run in config.get("prerequisites", {}).items():
+        yield from _sections(run, f"{prefix}prerequisites.{name}.")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Every check of values that needs no devices, data or files: `CHOICES` and `RANGES`,
+    over the run config, its stages' `set` and its prerequisite runs. Entry points call it
+    before any work (distributed start-up, mesh, data, compilation).
+
+    Raises:
+      ConfigError: naming `config.<path>=<value>` and what the field expects.
+    """
+    for prefix, section in _sections(config):
+        check_choices(section, prefix)
+        check_ranges(section, prefix)
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:

@@ -13,13 +13,21 @@ The `Evaluator` is also the evaluators' context: predictions are computed sharde
 process feeds its own records, padded batches carry a `valid` mask and each row's `index`),
 gathered to every host, de-padded and put back in row order, so no example is dropped or
 counted twice. The metric functions themselves are pure and live in `medvlp_jax.evaluation`.
+
+A record that fails in the eval pipeline (an image that does not decode; with
+`data.on_bad_record='skip'`) is left out: the evaluator that met it is rerun without it, and
+`records` / `zero_shot_records` no longer return it, so one bad image never stops an evaluation
+and every metric is computed over the same, aligned rows. `Evaluator.left_out` names them;
+`run` adds `eval/<data.source>/left_out[/<reason>]` counts when there are any.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import importlib
+import logging
 import operator
 import pkgutil
 from collections.abc import Callable, Iterator
@@ -33,7 +41,9 @@ from jax.experimental import multihost_utils
 from medvlp_jax import evaluation
 from medvlp_jax.config import ConfigError
 from medvlp_jax.data import pipeline, sources, tokenize
+from medvlp_jax.data.bad_records import BAD_FIELD, BadRecordError, code_reason
 from medvlp_jax.data.records import Record, missing_labels
+from medvlp_jax.nonfinite import NonFiniteError
 from medvlp_jax.parallel import mesh as mesh_lib
 
 Predict = Callable[[dict], jax.Array]  # a predict function bound to variables: batch -> [B, ...]
@@ -41,6 +51,17 @@ Predict = Callable[[dict], jax.Array]  # a predict function bound to variables: 
 # Batch fields a pair batch takes from its image's record; every other field (tokens, hook
 # fields, labels) comes from its text's record.
 IMAGE_FIELDS = ("image",)
+
+log = logging.getLogger(__name__)
+
+
+class _LeftOut(Exception):
+    """Records of a prediction pass that failed in the eval pipeline: `failed` {path: reason
+    key}. Raised on every process alike (the reasons are gathered), caught by `Evaluator.run`."""
+
+    def __init__(self, failed: dict[str, str]):
+        super().__init__(f"{len(failed)} record(s) failed in the eval pipeline")
+        self.failed = failed
 
 
 def known_types() -> list[str]:
@@ -136,35 +157,50 @@ class Evaluator:
         ]
         self._records: dict[str, list[Record]] = {}
         self._zero_shot: tuple[list[Record], np.ndarray] | None = None
+        # Image path -> reason key of each record left out after failing in the pipeline.
+        self.left_out: dict[str, str] = {}
 
     def records(self, split: str) -> list[Record]:
-        """The records of `split` (loaded once)."""
+        """The records of `split` (loaded once), without those left out."""
         if split not in self._records:
             self._records[split] = sources.load_records(self.config.data, split)
-        return self._records[split]
+        return [r for r in self._records[split] if r.image_path not in self.left_out]
 
     def zero_shot_records(self) -> tuple[list[Record], np.ndarray]:
-        """`sources.load_zero_shot_records` (loaded once): records and int32 `[N]` labels
-        indexing `sources.ZERO_SHOT_CLASSES`."""
+        """`sources.load_zero_shot_records` (loaded once), without the records left out:
+        records and int32 `[N]` labels indexing `sources.ZERO_SHOT_CLASSES`."""
         if self._zero_shot is None:
             self._zero_shot = sources.load_zero_shot_records(self.config.data)
-        return self._zero_shot
+        records, labels = self._zero_shot
+        keep = [i for i, r in enumerate(records) if r.image_path not in self.left_out]
+        return [records[i] for i in keep], labels[keep]
 
     def _gather(self, x) -> np.ndarray:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
-    def _collect(self, local_batches: Iterator[dict], fns: dict[str, Predict]) -> dict:
+    def _collect(self, local_batches: Iterator[dict], fns: dict[str, Predict], records=()) -> dict:
         """Runs `fns` on global batches made of each process's `local_batches` (numpy, with
         `index` `[b]` and `valid` `[b]`) -> `{key: [N, ...]}` numpy gathered to every process,
-        in `index` order, padding dropped."""
+        in `index` order, padding dropped.
+
+        Raises:
+          _LeftOut: some rows' BAD_FIELD (eval pipeline batches of `records`) is set.
+        """
         out: dict[str, list] = {"index": [], **{key: [] for key in fns}}
+        failed: dict[str, str] = {}
         for local in local_batches:
             batch = mesh_lib.global_batch(self.mesh, local)
             valid = self._gather(batch["valid"]).astype(bool)
-            out["index"].append(self._gather(batch["index"])[valid])
+            index = self._gather(batch["index"])
+            if BAD_FIELD in batch:
+                codes = self._gather(batch[BAD_FIELD])
+                failed.update(_failed(records, index, codes))
+            out["index"].append(index[valid])
             for key, fn in fns.items():
                 out[key].append(self._gather(fn(batch))[valid])
-        return _in_index_order(out)
+        if failed:
+            raise _LeftOut(failed)
+        return _check_finite(_in_index_order(out), fns)
 
     def _eval_batches(self, records: list[Record], process_index: int, process_count: int):
         return pipeline.eval_batches(
@@ -183,16 +219,20 @@ class Evaluator:
         `[N, 14]`."""
         labels = {key: operator.itemgetter(key) for key in ("labels", "label_mask")}
         batches = self._eval_batches(records, jax.process_index(), jax.process_count())
-        return self._collect(batches, {**fns, **labels})
+        return self._collect(batches, {**fns, **labels}, records)
 
     def _host_fields(self, records: list[Record]) -> dict[str, np.ndarray]:
         """Every batch field of all `records`, on this host: `{key: [N, ...]}` in record order
         (each process loads every record; for the small sets pair scoring takes)."""
         out: dict[str, list] = {}
+        failed: dict[str, str] = {}
         for batch in self._eval_batches(records, 0, 1):
+            failed.update(_failed(records, batch["index"], batch.pop(BAD_FIELD)))
             for key, value in batch.items():
                 if key != "valid":
                     out.setdefault(key, []).append(value[batch["valid"]])
+        if failed:
+            raise _LeftOut(failed)
         return _in_index_order(out)
 
     def _predict_rows(self, fn: Predict, num_rows: int, take: Callable[[np.ndarray], dict]):
@@ -261,15 +301,51 @@ class Evaluator:
         return {role: functools.partial(self._predict[fn], variables) for role, fn in roles.items()}
 
     def run(self, state) -> dict:
-        """All enabled evaluators -> `{'eval/<dataset>[/<name>]/<metric>': float}`."""
+        """All enabled evaluators -> `{'eval/<dataset>[/<name>]/<metric>': float}`, plus
+        `eval/<dataset>/left_out[/<reason>]` when records were left out (see module doc)."""
         variables = state.variables()
         metrics: dict = {}
         for spec in self.specs:
             if spec.cfg.enabled:
                 preds = self._bind(variables, {r: fn for r, fn in spec.cfg.pred.items() if fn})
-                for key, value in spec.module.run(self, preds, spec.cfg).items():
+                for key, value in self._run_one(spec, preds).items():
                     metrics[f"{spec.prefix}/{key}"] = float(value)
-        return metrics
+        return metrics | self._left_out_metrics()
+
+    def _run_one(self, spec: EvalSpec, preds: dict[str, Predict]) -> dict:
+        """`spec`'s evaluator; rerun without the records that failed in its pipeline."""
+        while True:
+            try:
+                return spec.module.run(self, preds, spec.cfg)
+            except _LeftOut as e:
+                new = {path: why for path, why in e.failed.items() if path not in self.left_out}
+                if not new:  # records not from `records` / `zero_shot_records`
+                    path, why = next(iter(e.failed.items()))
+                    raise BadRecordError(
+                        path, f"{why}: failed in config.evals.{spec.name}'s eval pipeline again"
+                    ) from None
+                self.left_out.update(new)
+                log.warning(
+                    "config.evals.%s: left out %d record(s) that failed in the eval pipeline "
+                    "(%s); rerunning it without them",
+                    spec.name,
+                    len(new),
+                    ", ".join(f"{path} ({why})" for path, why in sorted(new.items())),
+                )
+
+    def _left_out_metrics(self) -> dict[str, float]:
+        if not self.left_out:
+            return {}
+        prefix = f"eval/{self.config.data.source}/left_out"
+        counts = collections.Counter(self.left_out.values())
+        return {prefix: float(len(self.left_out))} | {
+            f"{prefix}/{why}": float(n) for why, n in sorted(counts.items())
+        }
+
+
+def _failed(records, index: np.ndarray, codes: np.ndarray) -> dict[str, str]:
+    """{image path: reason key} of the rows of one batch whose BAD_FIELD `codes` is set."""
+    return {records[i].image_path: code_reason(c) for i, c in zip(index, codes) if c}
 
 
 def _in_index_order(out: dict[str, list]) -> dict[str, np.ndarray]:
@@ -278,3 +354,21 @@ def _in_index_order(out: dict[str, list]) -> dict[str, np.ndarray]:
     arrays = {k: np.concatenate(v) for k, v in out.items()}
     order = np.argsort(arrays.pop("index"), kind="stable")
     return {k: v[order] for k, v in arrays.items()}
+
+
+def _check_finite(out: dict[str, np.ndarray], fns: dict) -> dict[str, np.ndarray]:
+    """`out`, after failing on non-finite float predictions (the labels are not checked): a
+    NaN similarity would rank arbitrarily and score as if perfect."""
+    for key in fns:
+        value = out[key]
+        if key in ("labels", "label_mask") or not np.issubdtype(value.dtype, np.floating):
+            continue
+        bad = ~np.isfinite(value)
+        if bad.any():
+            rows = np.unique(np.nonzero(bad)[0])
+            raise NonFiniteError(
+                f"evaluation: the '{key}' predictions hold {int(bad.sum())} non-finite values "
+                f"(rows {rows[:10].tolist()}{' ...' if len(rows) > 10 else ''} of {len(value)}); "
+                "the weights or the compute dtype overflow. No metric is computed from them"
+            )
+    return out

@@ -3,7 +3,9 @@
     python -m medvlp_jax.main --config=configs/mcpl.py --workdir=/tmp/run [--config.a.b=v ...]
 
 `--config=FILE:ARG` passes ARG to the file's `get_config` (e.g. `configs/clip.py:tiny`).
-Overrides are checked before anything runs: an unknown key fails naming the closest valid one.
+Overrides are checked before anything runs: an unknown key fails naming the closest valid one,
+and every value is checked (`config.validate`: choices, counts, intervals) before the
+distributed start-up; then the workdir and its checkpoints folder must be writable folders.
 `--config.mode=eval` evaluates WORKDIR's latest checkpoint (or `--config.eval_step=N`).
 Library log lines below WARNING stay off the console unless `--verbosity=0` (INFO) or more.
 """
@@ -17,6 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from medvlp_jax import config as config_lib
+from medvlp_jax import preflight
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, metrics, checkpoints.")
@@ -70,7 +73,7 @@ def main(argv: list[str]) -> None:
     del argv
     config = _CONFIG.value
     try:
-        config_lib.check_choices(config)
+        config_lib.validate(config)
     except config_lib.ConfigError as e:
         sys.exit(f"config error: {e}")
 
@@ -86,8 +89,11 @@ def main(argv: list[str]) -> None:
 
 
 def _run(config, workdir: Path) -> None:
-    """Writes the resolved config, then runs the configured mode."""
-    workdir.mkdir(parents=True, exist_ok=True)
+    """Checks the workdir, writes the resolved config, then runs the configured mode."""
+    try:
+        preflight.check_workdir(workdir)
+    except preflight.WorkdirError as e:
+        sys.exit(f"workdir error: {e}")
 
     import jax
 
@@ -101,10 +107,29 @@ def _run(config, workdir: Path) -> None:
 
     from medvlp_jax import train
 
-    if config.mode == "eval":
-        train.evaluate_checkpoint(config, workdir, config.eval_step)
-    else:
-        train.run(config, workdir)
+    try:
+        if config.mode == "eval":
+            train.evaluate_checkpoint(config, workdir, config.eval_step)
+        else:
+            train.run(config, workdir)
+    except _user_facing_errors() as e:
+        # Their messages name the cause and what was kept; a traceback would bury them.
+        sys.exit(f"error: {e}")
+
+
+def _user_facing_errors() -> tuple[type[Exception], ...]:
+    """Failures whose message says all a user needs: a non-finite step, a damaged, foreign
+    or unwritable checkpoint, a bad record under data.on_bad_record=error."""
+    from medvlp_jax import checkpointing, nonfinite
+    from medvlp_jax.data.bad_records import BadRecordError
+
+    return (
+        nonfinite.NonFiniteError,
+        checkpointing.CheckpointDamagedError,
+        checkpointing.CheckpointMismatchError,
+        checkpointing.CheckpointSaveError,
+        BadRecordError,
+    )
 
 
 if __name__ == "__main__":

@@ -28,12 +28,15 @@ from medvlp_jax import (
     checkpointing,
     console,
     evaluate,
+    nonfinite,
     optim,
+    preflight,
     prerequisites,
     stages,
     throughput,
     weights,
 )
+from medvlp_jax import config as config_lib
 from medvlp_jax.data import pipeline, sources, tokenize
 from medvlp_jax.data.bad_records import BadRecordReport
 from medvlp_jax.methods.base import Method, SetupContext, get_method
@@ -198,7 +201,9 @@ def carry_over(
 
 def make_step_fn(method: Method, tx, lr_fn, trainable, optim_cfg, stage_start: int = 0):
     """The pure train step `(state, batch) -> (state, metrics)`. Frozen parameters are passed
-    through untouched, so they stay bit-identical. The logged `lr` is the base lr the step's
+    through untouched, so they stay bit-identical. A step whose loss or gradient norm is not
+    finite leaves the state as it was but for the step counter (`medvlp_jax.nonfinite`); its
+    metrics say so (`nonfinite`, `grad_norm`). The logged `lr` is the base lr the step's
     optimizer update applies (`stage_start`: the global step the stage began at)."""
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -218,12 +223,21 @@ def make_step_fn(method: Method, tx, lr_fn, trainable, optim_cfg, stage_start: i
         )
         stage_step = state.step - stage_start
         lr = optim.applied_lr(optim_cfg, lr_fn, stage_step)
-        metrics = {**metrics, "loss": loss, "lr": lr}
+        grad_norm = optax.tree.norm(grads)
+        finite = nonfinite.step_is_finite(loss, grad_norm)
+        updated = (params, opt_state, {**state.model_state, **model_state})
+        params, opt_state, model_state = nonfinite.keep_if_finite(
+            finite, updated, (state.params, state.opt_state, state.model_state)
+        )
+        metrics = {
+            **metrics,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "nonfinite": (~finite).astype(jnp.int32),
+        }
         new_state = state.replace(
-            step=state.step + 1,
-            params=params,
-            opt_state=opt_state,
-            model_state={**state.model_state, **model_state},
+            step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state
         )
         return new_state, metrics
 
@@ -421,7 +435,8 @@ def _start_stage(ctx: RunContext, stage, previous: TrainState | None, prior, dat
 def _prepare(config: ml_collections.ConfigDict, workdir: Path, announce: bool = True) -> RunContext:
     """Stages, prerequisites (trained first when `announce`, i.e. for training), mesh, data,
     metric writer and checkpointer of a run."""
-    workdir.mkdir(parents=True, exist_ok=True)
+    config_lib.validate(config)
+    preflight.check_workdir(workdir)
     plan = stages.resolve(config)
     if announce:
         for name in _needed_prerequisites(plan):
@@ -430,6 +445,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: Path, announce: bool = 
     mesh_lib.check_batch_divides(mesh, config.data.batch_size, "data.batch_size")
     mesh_lib.check_batch_divides(mesh, config.data.eval_batch_size, "data.eval_batch_size")
     tokenizer = tokenize.load_tokenizer(config.data.tokenizer)
+    tokenize.check_vocab_fits(tokenizer, config.model)
     bad_records = BadRecordReport()
     records = sources.load_records(config.data, "train", bad_records)
     writer = MetricWriter(workdir)
@@ -439,6 +455,9 @@ def _prepare(config: ml_collections.ConfigDict, workdir: Path, announce: bool = 
         best_metric=config.train.keep_best_metric,
         best_mode=config.train.keep_best_mode,
     )
+    if announce:
+        for line in ckpt.discard_damaged(config.train.on_bad_checkpoint):
+            console.say(line)
     if announce and ckpt.latest_step() is None:  # once per run, not again on every resume
         writer.write(0, bad_records.metrics("data/train/"))
     ctx = RunContext(config, workdir, mesh, tokenizer, records, ckpt, writer, plan, None)
@@ -526,6 +545,9 @@ def _loop(ctx: RunContext, run_: StageRun, state: TrainState) -> tuple[TrainStat
     tick, tick_step = time.time(), first
     stopped = False
     profiling = False
+    guard = nonfinite.NonfiniteGuard(
+        train_cfg.on_nonfinite, train_cfg.max_nonfinite_in_row, ctx.ckpt.last_good
+    )
     for step in range(first + 1, stage.end + 1):
         window = _profile_window(config, step, first)
         if window == "start":
@@ -533,25 +555,39 @@ def _loop(ctx: RunContext, run_: StageRun, state: TrainState) -> tuple[TrainStat
             profiling = True
         batch = mesh_lib.global_batch(ctx.mesh, next(run_.data_iter))
         state, metrics = run_.step_fn(state, batch)
+        guard.dispatched(step, metrics)
         if window == "stop" or (profiling and step == stage.end):
             jax.block_until_ready(state)
             jax.profiler.stop_trace()
             profiling = False
             console.say(f"profile of steps {first + 2}-{step} written to {ctx.workdir / 'profile'}")
-        if step % train_cfg.log_every == 0 or step == stage.end:
+        last = step == stage.end
+        logged = step % train_cfg.log_every == 0 or last
+        evaluated = step % train_cfg.eval_every == 0 or (last and is_last_stage)
+        stopped = ctx.stop.should_stop(step)
+        saved = step % train_cfg.checkpoint_every == 0 or last or stopped
+        if logged or evaluated or saved:
+            guard.flush()  # a step that is logged, evaluated or saved is checked first
+        if logged:
             metrics = {f"train/{k}": v for k, v in jax.device_get(metrics).items()}
             per_step = (time.time() - tick) / max(step - tick_step, 1)
             metrics.update(run_.throughput.metrics(config.data.batch_size, per_step))
-            _check_finite(metrics, step)
+            metrics.update(guard.metrics())
+            metrics.update(
+                run_.data_iter.bad_record_metrics("data/train/", gather=jax.process_count() > 1)
+            )
             ctx.writer.write(step, metrics)
+            ctx.ckpt.poll()
             console.say(console.step_line(step, total, metrics, per_step))
             tick, tick_step = time.time(), step
-        last = step == stage.end
-        evaluated = step % train_cfg.eval_every == 0 or (last and is_last_stage)
         if evaluated:
-            state, eval_metrics = _evaluate(ctx, run_, state, step)
-        stopped = ctx.stop.should_stop(step)
-        if step % train_cfg.checkpoint_every == 0 or last or stopped:
+            try:
+                state, eval_metrics = _evaluate(ctx, run_, state, step)
+            except Exception:
+                if saved:  # the step's checkpoint is not lost to a failed evaluation
+                    ctx.ckpt.save(state, run_.data_iter, None, stage.meta())
+                raise
+        if saved:
             ctx.ckpt.save(state, run_.data_iter, eval_metrics if evaluated else None, stage.meta())
         if stopped:
             break
@@ -573,6 +609,9 @@ def evaluate_checkpoint(
     Trains nothing."""
     ctx = _prepare(config, Path(workdir), announce=False)
     try:
+        if step == -1:
+            for line in ctx.ckpt.discard_damaged(config.train.on_bad_checkpoint):
+                console.say(line)
         available = ctx.ckpt.all_steps()
         step = ctx.ckpt.latest_step() if step == -1 else step
         if step is None or step not in available:
@@ -580,6 +619,7 @@ def evaluate_checkpoint(
                 f"mode=eval: no checkpoint at step {step} in {ctx.workdir / 'checkpoints'} "
                 f"(has {available}); set --config.eval_step to one of them"
             )
+        ctx.ckpt.verify(step)
         stage = stages.stage_of(ctx.plan, step)
         with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ACTIVATION_RULES):
             method, _, data_iter, example = _stage_method(ctx, stage.config)
@@ -600,12 +640,3 @@ def evaluate_checkpoint(
     finally:
         ctx.ckpt.close()
         ctx.writer.close()
-
-
-def _check_finite(metrics: dict, step: int) -> None:
-    loss = float(metrics["train/loss"])
-    if not np.isfinite(loss):
-        raise FloatingPointError(
-            f"the training loss is {loss} at step {step}; the last checkpoint is kept "
-            "(lower optim.lr, or check the data)"
-        )

@@ -263,7 +263,7 @@ def test_undecodable_image_in_pipeline_names_its_path(base, tmp_path):
     path.write_bytes(bytes(data))
     broken = [dataclasses.replace(records[0], image_path=str(path)), *records[1:4]]
     with pytest.raises(BadRecordError, match=r"broken\.jpg") as info:
-        next(eval_batches(cfg, broken, tok, batch_size=4))
+        next(eval_batches(_cfg(cfg, on_bad_record="error"), broken, tok, batch_size=4))
     assert info.value.path == str(path) and info.value.reason.startswith("corrupt_image")
     # worker processes send it pickled: path and reason must survive
     again = pickle.loads(pickle.dumps(info.value))

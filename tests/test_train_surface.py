@@ -13,7 +13,6 @@ import json
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from tinyconfigs import NO_EVAL, ROOT, tiny_clip
+from tinyconfigs import NO_EVAL, ROOT, cli, tiny_clip
 
 from medvlp_jax import evaluate, train
 from medvlp_jax.data import pipeline, sources, tokenize
@@ -37,18 +36,6 @@ RETRIEVAL_ONLY = (
     "evals.retrieval.enabled=true",
     "evals.linear_probe.enabled=false",
 )
-
-
-def cli(workdir: Path, *overrides: str, config: str = "configs/clip.py:tiny") -> list[str]:
-    """The command line of a run (overrides without the `--config.` prefix)."""
-    return [
-        sys.executable,
-        "-m",
-        "medvlp_jax.main",
-        f"--config={config}",
-        f"--workdir={workdir}",
-        *[f"--config.{o}" for o in overrides],
-    ]
 
 
 def run_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:

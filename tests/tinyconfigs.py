@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from medvlp_jax import config as config_lib
@@ -22,3 +23,16 @@ def tiny(method: str, *overrides: str):
 
 def tiny_clip(*overrides: str):
     return tiny("clip", *overrides)
+
+
+def cli(workdir, *overrides: str, config: str = "configs/clip.py:tiny") -> list[str]:
+    """The command line of a run (overrides without the `--config.` prefix; run it with
+    cwd=ROOT)."""
+    return [
+        sys.executable,
+        "-m",
+        "medvlp_jax.main",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        *[f"--config.{o}" for o in overrides],
+    ]

@@ -62,11 +62,17 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.frontal_only = True
     # Uncertain (-1) CheXpert labels: 'ones' | 'zeros' | 'ignore' (label_mask 0).
     c.uncertain_policy = "ignore"
-    # Bad records (missing/corrupt image, empty report): 'skip' (counted) | 'error'.
+    # Bad records (missing/corrupt image, empty report): 'skip' (counted and logged with the
+    # path; an image that only fails to decode in the pipeline is replaced by the next good
+    # record in training and left out of an evaluation) | 'error' (stop, naming the path).
     c.on_bad_record = "skip"
     # Load-time image check: 'header' (exists, magic bytes, JPEG/PNG end marker; cheap) |
     # 'decode' (full decode of every image once; slow on large sets).
     c.image_check = "header"
+    # Broken tables (a missing CheXpert label column, a duplicate or conflicting id row, an
+    # unknown split or view value): 'error' (stop, naming file, line, column and value) |
+    # 'warn' (log it; keep the first row of an id, read a missing label column as unknown).
+    c.on_bad_csv = "error"
 
     # Images.
     c.image_size = 224

@@ -3,20 +3,28 @@
 Expects under `root`: `files/pNN/pSUBJECT/sSTUDY/DICOM.jpg` and the csv files
 `mimic-cxr-2.0.0-{metadata,chexpert,split}.csv` (or `.csv.gz` as distributed). Reports
 (`pNN/pSUBJECT/sSTUDY.txt`) come from the MIMIC-CXR reports archive.
+
+The csv files are checked as they are read (`tables`, policy `data.on_bad_csv`): every
+CheXpert label column present, one split row per dicom_id with a known split, one metadata
+row per dicom_id with a known ViewPosition, one label row per (subject_id, study_id).
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
-import io
 from pathlib import Path
 
 import numpy as np
 
+from medvlp_jax.data import tables
 from medvlp_jax.data.bad_records import BadRecordReport
 from medvlp_jax.data.images import check_image
-from medvlp_jax.data.records import CHEXPERT_CLASSES, FRONTAL_VIEWS, Record, missing_labels
+from medvlp_jax.data.records import (
+    CHEXPERT_CLASSES,
+    FRONTAL_VIEWS,
+    KNOWN_VIEWS,
+    Record,
+    missing_labels,
+)
 from medvlp_jax.data.reports import select_text
 
 SPLITS = ("train", "validate", "test")
@@ -25,23 +33,48 @@ CHEXPERT = "mimic-cxr-2.0.0-chexpert.csv"
 SPLIT = "mimic-cxr-2.0.0-split.csv"
 
 
-def read_csv(root: Path, name: str, required: tuple[str, ...]) -> list[dict[str, str]]:
-    """Rows of `root/name` (or `name.gz`) as dicts; checks the required columns."""
+def read_csv(root: Path, name: str, required: tuple[str, ...]) -> tables.Table:
+    """The table `root/name` (or `name.gz`); the `required` (id) columns must be there."""
     path = root / name
     if not path.exists() and (root / f"{name}.gz").exists():
         path = root / f"{name}.gz"
     if not path.exists():
         raise FileNotFoundError(f"MIMIC-CXR: {root / name} not found (data.root={root})")
-    if path.suffix == ".gz":
-        with gzip.open(path, "rt", newline="") as f:
-            text = f.read()
-    else:
-        text = path.read_text()
-    reader = csv.DictReader(io.StringIO(text))
-    missing = [c for c in required if c not in (reader.fieldnames or [])]
+    table = tables.read_csv_table(path)
+    missing = [c for c in required if c not in table.columns]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; has {reader.fieldnames}")
-    return list(reader)
+        raise ValueError(f"{path}: missing column(s) {missing}; has {list(table.columns)}")
+    return table
+
+
+def read_splits(root: Path, policy: str) -> tables.Table:
+    """The split table, checked: known split values, one row per dicom_id."""
+    table = read_csv(root, SPLIT, ("dicom_id", "study_id", "subject_id", "split"))
+    tables.check_values(table, "split", SPLITS, policy)
+    return tables.unique_rows(table, ("dicom_id",), policy)
+
+
+def read_views(root: Path, policy: str) -> dict[str, str]:
+    """dicom_id -> ViewPosition, checked: known views, one row per dicom_id."""
+    table = read_csv(root, METADATA, ("dicom_id", "ViewPosition"))
+    tables.check_values(table, "ViewPosition", KNOWN_VIEWS, policy)
+    table = tables.unique_rows(table, ("dicom_id",), policy)
+    return {r["dicom_id"]: r["ViewPosition"] or "" for r in table.rows}
+
+
+def read_labels(root: Path, policy: str) -> dict[tuple[str, str], np.ndarray]:
+    """(subject_id, study_id) -> float32 [14] raw CheXpert labels, checked: every label
+    column present, one row per study."""
+    table = read_csv(root, CHEXPERT, ("subject_id", "study_id"))
+    tables.check_columns(table, CHEXPERT_CLASSES, policy, "CheXpert label")
+    table = tables.unique_rows(table, ("subject_id", "study_id"), policy)
+    labels = {}
+    for row, line in zip(table.rows, table.lines, strict=True):
+        where = f"{table.path} line {line}"
+        labels[(row["subject_id"], row["study_id"])] = np.array(
+            [parse_label(row.get(c), where) for c in CHEXPERT_CLASSES], np.float32
+        )
+    return labels
 
 
 def parse_label(value: str | None, where: str) -> float:
@@ -90,7 +123,7 @@ def load_mimic(
 
     Args:
       data_cfg: uses root, reports_root, frontal_only, sections, section_mode,
-        section_separator, min_text_words, on_bad_record, image_check.
+        section_separator, min_text_words, on_bad_record, image_check, on_bad_csv.
       split: 'train' | 'validate' | 'test'.
       report: collects skipped and filtered records.
       root, reports_root: override the config (SynthCXR passes its cache folder).
@@ -104,16 +137,11 @@ def load_mimic(
     reports = find_reports_root(
         root, data_cfg.reports_root if reports_root is None else reports_root
     )
-    splits = read_csv(root, SPLIT, ("dicom_id", "study_id", "subject_id", "split"))
-    meta = {r["dicom_id"]: r for r in read_csv(root, METADATA, ("dicom_id", "ViewPosition"))}
-    labels = {}
-    for n, row in enumerate(read_csv(root, CHEXPERT, ("subject_id", "study_id")), start=2):
-        where = f"{root / CHEXPERT} line {n}"
-        labels[(row["subject_id"], row["study_id"])] = np.array(
-            [parse_label(row.get(c), where) for c in CHEXPERT_CLASSES], np.float32
-        )
+    splits = read_splits(root, data_cfg.on_bad_csv)
+    views = read_views(root, data_cfg.on_bad_csv)
+    labels = read_labels(root, data_cfg.on_bad_csv)
     rows = sorted(
-        (r for r in splits if r["split"] == split),
+        (r for r in splits.rows if r["split"] == split),
         key=lambda r: (r["subject_id"], r["study_id"], r["dicom_id"]),
     )
     texts: dict[str, str | None] = {}
@@ -121,7 +149,7 @@ def load_mimic(
     policy = data_cfg.on_bad_record
     for r in rows:
         subject, study, dicom = r["subject_id"], r["study_id"], r["dicom_id"]
-        view = meta.get(dicom, {}).get("ViewPosition", "") or ""
+        view = views.get(dicom, "")
         if data_cfg.frontal_only and view not in FRONTAL_VIEWS:
             report.filter("not_frontal")
             continue

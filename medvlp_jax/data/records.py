@@ -34,6 +34,28 @@ FIVE_CLASSES: tuple[str, ...] = (
 )
 
 FRONTAL_VIEWS: frozenset[str] = frozenset({"PA", "AP"})
+# Every view position of MIMIC-CXR-JPG's metadata ('' = not recorded); a view outside it
+# (a typo, another dataset's spelling such as 'Frontal') is a table problem, since the
+# frontal filter would drop its rows without a word.
+KNOWN_VIEWS: frozenset[str] = frozenset(
+    {
+        "",
+        "PA",
+        "AP",
+        "LATERAL",
+        "LL",
+        "AP AXIAL",
+        "AP LLD",
+        "AP RLD",
+        "PA LLD",
+        "PA RLD",
+        "LAO",
+        "RAO",
+        "LPO",
+        "SWIMMERS",
+        "XTABLE LATERAL",
+    }
+)
 
 
 def missing_labels() -> np.ndarray:

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from medvlp_jax.data.bad_records import BadRecordReport
+from medvlp_jax.data import tables
+from medvlp_jax.data.bad_records import BadRecordReport, check_policy
 from medvlp_jax.data.config import default_data_config
+from medvlp_jax.data.images import IMAGE_CHECKS
 from medvlp_jax.data.label_fractions import (
     SPLITS_DIR,
     SYNTHCXR_PERCENTS,
@@ -50,6 +52,12 @@ def synthcxr_root(data_cfg) -> Path:
 def _validate(data_cfg) -> None:
     if data_cfg.source not in SOURCES:
         raise ValueError(f"data.source must be one of {SOURCES}, got {data_cfg.source!r}")
+    check_policy(data_cfg.on_bad_record)
+    tables.check_policy(data_cfg.on_bad_csv)
+    if data_cfg.image_check not in IMAGE_CHECKS:
+        raise ValueError(
+            f"data.image_check must be one of {IMAGE_CHECKS}, got {data_cfg.image_check!r}"
+        )
     if data_cfg.uncertain_policy not in UNCERTAIN_POLICIES:
         raise ValueError(
             f"data.uncertain_policy must be one of {UNCERTAIN_POLICIES}, "
@@ -125,7 +133,7 @@ def _label_subset(data_cfg, records: list[Record], report: BadRecordReport) -> l
         resolve = lambda image: str(manifest.parent / image)
         listed = [resolve(e) for e in entries]
         record_id = lambda r: r.image_path
-        rows = read_rows(manifest)
+        rows = read_rows(manifest).rows
         train_ids = {resolve(r["image"]) for r in rows if r.get("split", "train") == "train"}
     else:
         if data_cfg.source == "synthcxr":
@@ -134,7 +142,7 @@ def _label_subset(data_cfg, records: list[Record], report: BadRecordReport) -> l
             root = Path(data_cfg.root).expanduser()
         listed = [Path(e).stem for e in entries]
         record_id = lambda r: Path(r.image_path).stem
-        rows = read_csv(root, SPLIT, ("dicom_id", "split"))
+        rows = read_csv(root, SPLIT, ("dicom_id", "split")).rows
         train_ids = {r["dicom_id"] for r in rows if r["split"] == "train"}
     return filter_by_list(
         records,

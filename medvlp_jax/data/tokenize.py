@@ -96,3 +96,17 @@ class TextEncoder:
         ids = np.array([e.ids for e in encodings], np.int32).reshape(len(encodings), self.max_len)
         mask = np.array([e.attention_mask for e in encodings], np.int32).reshape(ids.shape)
         return ids, mask
+
+
+def check_vocab_fits(tokenizer, model_cfg, tokenizer_field: str = "data.tokenizer") -> None:
+    """Fails when the tokenizer has more ids than a text tower's embedding table
+    (`config.model.<tower>.vocab_size`): an id past the table reads NaN, not an error."""
+    size = len(tokenizer)
+    for tower, cfg in model_cfg.items():
+        vocab = cfg.get("vocab_size") if hasattr(cfg, "get") else None
+        if isinstance(vocab, int) and size > vocab:
+            raise ValueError(
+                f"{tokenizer_field}: the tokenizer has {size} ids, but "
+                f"config.model.{tower}.vocab_size={vocab}; ids past the embedding table read "
+                "NaN. Use the tower's own tokenizer or raise its vocab_size"
+            )

@@ -3,23 +3,37 @@
 Elements entering the transforms are dicts {'index': int, 'record': Record} (eval adds
 'valid'); they leave as dicts of numpy arrays. All randomness comes from the generator grain
 passes to `RandomMap.random_map` (seeded per example), so a pipeline is a function of its seed.
+
+`Example` makes one element's fields; `Guard` runs it under `data.on_bad_record`: a record
+that fails (`BadRecordError`: an image that does not decode, a hook's missing file) stops the
+pipeline ('error') or is replaced by the next record that works ('skip'), marked in the field
+`BAD_FIELD` (and, in evaluation, with `valid` False).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+from collections.abc import Sequence
 
 import grain
 import numpy as np
 from PIL import Image
 
-from medvlp_jax.data.bad_records import BadRecordError
+from medvlp_jax.data.bad_records import BAD_FIELD, BadRecordError, check_policy, reason_code
 from medvlp_jax.data.images import decode
+from medvlp_jax.data.records import Record
 from medvlp_jax.data.reports import split_sentences
 from medvlp_jax.data.tokenize import TextEncoder
 
 UNCERTAIN_POLICIES = ("ones", "zeros", "ignore")
+# Fields every element has besides `Features`'; hooks may not return them.
+RESERVED_FIELDS = ("image", "index", "valid", BAD_FIELD)
+# How many following records `Guard` tries in place of a bad one before it gives up.
+MAX_REPLACEMENTS = 32
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +147,8 @@ def load_image(path: str, spec: ImageSpec, rng: np.random.Generator | None) -> n
     """
     try:
         img = decode(path, spec.channels == 3, spec.decode_size)
+    except FileNotFoundError as e:
+        raise BadRecordError(path, "missing_image: file not found") from e
     except Exception as e:
         raise BadRecordError(
             path,
@@ -181,38 +197,14 @@ def _augment(img: Image.Image, spec: ImageSpec, rng: np.random.Generator) -> Ima
     )
 
 
-class TrainImage(grain.transforms.RandomMap):
-    """Adds 'image' float32 [S, S, C]: random resized crop, small affine, optional flip."""
-
-    def __init__(self, spec: ImageSpec):
-        self.spec = spec
-
-    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-        return {**element, "image": load_image(element["record"].image_path, self.spec, rng)}
-
-
-class RandomSentence(grain.transforms.RandomMap):
-    """Replaces the record's text by one of its sentences, uniformly (`data.train_text=
+def random_sentence(record: Record, rng: np.random.Generator) -> Record:
+    """The record with its text replaced by one of its sentences, uniformly (`data.train_text=
     'random_sentence'`); seeded per example, so each epoch draws again. A text of one
     sentence or none stays as it is."""
-
-    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-        record = element["record"]
-        sentences = split_sentences(record.text)
-        if len(sentences) < 2:
-            return element
-        text = sentences[rng.integers(len(sentences))]
-        return {**element, "record": dataclasses.replace(record, text=text)}
-
-
-class EvalImage(grain.transforms.Map):
-    """Adds 'image' float32 [S, S, C]: centre square crop resized to S (deterministic)."""
-
-    def __init__(self, spec: ImageSpec):
-        self.spec = spec
-
-    def map(self, element: dict) -> dict:
-        return {**element, "image": load_image(element["record"].image_path, self.spec, None)}
+    sentences = split_sentences(record.text)
+    if len(sentences) < 2:
+        return record
+    return dataclasses.replace(record, text=sentences[rng.integers(len(sentences))])
 
 
 def apply_uncertain_policy(labels: np.ndarray, policy: str) -> tuple[np.ndarray, np.ndarray]:
@@ -233,11 +225,11 @@ def apply_uncertain_policy(labels: np.ndarray, policy: str) -> tuple[np.ndarray,
     return out.astype(np.float32), mask.astype(np.float32)
 
 
-class Features(grain.transforms.Map):
-    """Replaces 'record' by text tokens, labels, label mask, index and hook fields.
+class Features:
+    """A record -> text tokens, labels, label mask and hook fields.
 
     Hooks are `hook(record) -> dict[str, np.ndarray]` with fixed shapes; a field name that
-    is already taken is an error.
+    is already taken (or one of RESERVED_FIELDS) is an error.
     """
 
     def __init__(self, tokenizer, max_len: int, uncertain_policy: str, hooks=()):
@@ -246,21 +238,125 @@ class Features(grain.transforms.Map):
         self.uncertain_policy = uncertain_policy
         self.hooks = tuple(hooks)
 
-    def map(self, element: dict) -> dict:
-        record = element["record"]
+    def __call__(self, record: Record) -> dict:
+        """input_ids, attention_mask int32 [T]; labels, label_mask float32 [14]; hook fields."""
         ids, mask = self.encoder([record.text])
         labels, label_mask = apply_uncertain_policy(record.labels, self.uncertain_policy)
-        out = {k: v for k, v in element.items() if k != "record"}
-        out.update(
-            input_ids=ids[0],
-            attention_mask=mask[0],
-            labels=labels,
-            label_mask=label_mask,
-            index=np.int32(element["index"]),
-        )
+        out = dict(input_ids=ids[0], attention_mask=mask[0], labels=labels, label_mask=label_mask)
         for hook in self.hooks:
             for key, value in hook(record).items():
-                if key in out:
+                if key in out or key in RESERVED_FIELDS:
                     raise ValueError(f"data hook {hook!r} returned field {key!r}, which is taken")
                 out[key] = np.asarray(value)
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """A record -> the fields of its batch row: image float32 [S, S, C] and `Features`.
+
+    Attributes:
+      spec: the image geometry; augmented when `spec.augment` and an rng is given.
+      features: text, labels and hook fields.
+      random_sentence: draw one sentence of the text (`data.train_text='random_sentence'`).
+    """
+
+    spec: ImageSpec
+    features: Features
+    random_sentence: bool = False
+
+    def __call__(self, record: Record, rng: np.random.Generator | None) -> dict:
+        image = load_image(record.image_path, self.spec, rng)
+        if self.random_sentence:
+            record = random_sentence(record, rng)
+        return {"image": image, **self.features(record)}
+
+
+class Guard:
+    """Makes an element's fields with `example`, under `data.on_bad_record`.
+
+    A record that raises BadRecordError stops the pipeline (policy 'error', naming its path)
+    or ('skip') is replaced by the next record of `records` that works (index + 1, + 2, ...,
+    at most MAX_REPLACEMENTS; deterministic, so a resumed run sees the same batches). Its
+    path is logged once. The output's BAD_FIELD holds the failure's reason code (0 = none).
+    Training elements (no 'valid' field) take the replacement's 'index'; evaluation elements
+    keep their own and get 'valid' False, so the failed record is left out of the metrics
+    (padding, already invalid, is not counted again).
+
+    Args:
+      example: the record -> fields function.
+      records: every record the elements index (replacements come from them).
+      policy: `data.on_bad_record`.
+    """
+
+    def __init__(self, example: Example, records: Sequence[Record], policy: str):
+        check_policy(policy)
+        self.example = example
+        self.records = records
+        self.policy = policy
+        self._warned: set[str] = set()
+
+    def __call__(self, element: dict, rng: np.random.Generator | None) -> dict:
+        """{'index', 'record'[, 'valid']} -> {'index' int32, 'image', ..., BAD_FIELD int32
+        [, 'valid' bool]}."""
+        index, valid = element["index"], element.get("valid")
+        bad = 0
+        try:
+            fields = self.example(element["record"], rng)
+        except BadRecordError as e:
+            if self.policy == "error":
+                raise
+            training = valid is None
+            self._warn(e, training)
+            used, fields = self._replacement(index, e, rng, training)
+            bad = reason_code(e.reason) if training or valid else 0
+            index, valid = (used, None) if training else (index, False)
+        out = {"index": np.int32(index), **fields, BAD_FIELD: np.int32(bad)}
+        if valid is not None:
+            out["valid"] = np.bool_(valid)
+        return out
+
+    def _replacement(self, index: int, error: BadRecordError, rng, training: bool):
+        """(index, fields) of the first record after `index` that works."""
+        tries = min(MAX_REPLACEMENTS, len(self.records) - 1)
+        for step in range(1, tries + 1):
+            other = (index + step) % len(self.records)
+            try:
+                return other, self.example(self.records[other], rng)
+            except BadRecordError as e:
+                self._warn(e, training)
+        raise BadRecordError(
+            error.path,
+            f"{error.reason}; no record can stand in for it: the {tries} records after it "
+            "fail too (data.on_bad_record='skip'); check the data folder",
+        )
+
+    def _warn(self, error: BadRecordError, training: bool) -> None:
+        """Logs a bad record's path and reason, once per path."""
+        if error.path in self._warned:
+            return
+        self._warned.add(error.path)
+        action = "replaced by the next good record" if training else "left out of the evaluation"
+        log.warning(
+            "Bad record %s: %s; %s (data.on_bad_record='skip')", error.path, error.reason, action
+        )
+
+
+class GuardedMap(grain.transforms.Map):
+    """`Guard` as a deterministic grain map (evaluation without augmentation)."""
+
+    def __init__(self, guard: Guard):
+        self.guard = guard
+
+    def map(self, element: dict) -> dict:
+        return self.guard(element, None)
+
+
+class GuardedRandomMap(grain.transforms.RandomMap):
+    """`Guard` as a seeded grain map (training, augmented evaluation)."""
+
+    def __init__(self, guard: Guard):
+        self.guard = guard
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        return self.guard(element, rng)

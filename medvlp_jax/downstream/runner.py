@@ -27,7 +27,7 @@ from pathlib import Path
 import ml_collections
 
 from medvlp_jax import config as config_lib
-from medvlp_jax import console, prerequisites
+from medvlp_jax import console, preflight, prerequisites
 from medvlp_jax.data.config import default_data_config
 from medvlp_jax.downstream.config import (
     DATA_LOCATION_FIELDS,
@@ -78,7 +78,7 @@ def build_config(
     config.data.label_fraction = fraction
     config = config_lib.apply_overrides(config, overrides)
     config.train.keep_best_metric = f"eval/{config.data.source}/{SELECTION_METRIC[name]}"
-    config_lib.check_choices(config)
+    config_lib.validate(config)
     return config
 
 
@@ -163,4 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     distributed.setup_logging()
     distributed.initialize(config.distributed)
     with distributed.exit_on_failure():
+        try:
+            preflight.check_workdir(args.workdir)
+        except preflight.WorkdirError as e:
+            sys.exit(f"workdir error: {e}")
         run(config, Path(args.workdir))

@@ -1,8 +1,8 @@
 """Dense downstream targets as data hooks (`hook(record) -> fields`, see `data.pipeline`):
 segmentation masks and CenterNet detection targets, in the geometry of the evaluation image
-(the centred square crop resized to `data.image_size`, as `data.transforms.EvalImage` makes
-it). Geometric augmentation would move the image but not these targets, so dense tasks run
-with `data.augment.enabled=False` (checked by the downstream method).
+(the centred square crop resized to `data.image_size`, as `data.transforms.load_image` makes
+it without augmentation). Geometric augmentation would move the image but not these targets,
+so dense tasks run with `data.augment.enabled=False` (checked by the downstream method).
 
 Masks: `<image stem><mask_suffix>` beside the image, a uint16 PNG whose bit k marks
 `CHEXPERT_CLASSES[k]` (SynthCXR writes them so; convert other datasets' masks to it).
@@ -35,7 +35,7 @@ def _crop_geometry(path: str, image_size: int) -> tuple[float, float, float]:
         with Image.open(path) as img:
             width, height = img.size
     except Exception as e:
-        raise BadRecordError(path, f"unreadable image header: {e}") from e
+        raise BadRecordError(path, f"corrupt_image: unreadable image header: {e}") from e
     x0, y0, x1, _ = center_box(width, height)
     return x0, y0, image_size / (x1 - x0)
 
@@ -55,7 +55,7 @@ class MaskTargets:
             with Image.open(path) as img:
                 bits = np.asarray(img, np.int64)
         except Exception as e:
-            raise BadRecordError(str(path), f"missing or unreadable mask: {e}") from e
+            raise BadRecordError(str(path), f"missing_mask: missing or unreadable mask: {e}") from e
         h, w = bits.shape
         box = center_box(w, h)
         side = self.image_size
