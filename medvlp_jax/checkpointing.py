@@ -342,11 +342,7 @@ def _read_problems(step_dir: Path) -> list[str]:
     try:
         with _absl_errors_only():
             saved = ocp.StandardCheckpointer().metadata(state_dir).item_metadata
-            abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
-            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
-            ocp.PyTreeCheckpointer().restore(
-                state_dir, args=ocp.args.PyTreeRestore(item=abstract, restore_args=as_numpy)
-            )
+            _read_subtree(state_dir, (), _abstract(saved))
     except Exception as e:  # whatever TensorStore raises for a damaged file
         return [f"{state_dir}: cannot be read ({type(e).__name__}: {_first_line(e)})"]
     return []
@@ -388,14 +384,19 @@ def read_variables(state_dir: Path) -> dict:
         for key in item:
             tree = tree[key] if tree is not None and key in tree else None
         if tree:
-            abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
-            out[name] = _read_subtree(state_dir, item, abstract)
+            out[name] = _read_subtree(state_dir, item, _abstract(tree))
     return out
 
 
+def _abstract(saved) -> object:
+    """Orbax array metadata -> `jax.ShapeDtypeStruct`s of the same tree."""
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
+
+
 def _read_subtree(state_dir: Path, item: tuple[str, ...], abstract) -> object:
-    """Only the subtree at `item` of a saved train state, as host numpy arrays, whatever device
-    layout saved it (another process or device count: the saved shardings are not used)."""
+    """Only the subtree at `item` (() for all of it) of a saved train state, as host numpy
+    arrays, whatever device layout saved it (another process or device count: the saved
+    shardings are not used)."""
     tree = abstract
     for key in reversed(item):
         tree = {key: tree}

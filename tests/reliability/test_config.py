@@ -87,6 +87,7 @@ def test_method_fields_are_checked_where_the_method_has_them():
 
 
 def test_choices_match_the_modules_that_read_them():
+    from medvlp_jax import checkpointing, nonfinite
     from medvlp_jax.data import bad_records, images, sources, tables, transforms
     from medvlp_jax.downstream.method import TASKS
     from medvlp_jax.evaluation.classification import LABEL_MODES, SPLITS
@@ -122,6 +123,8 @@ def test_choices_match_the_modules_that_read_them():
         "model.prompt_config": PROMPT_CONFIGS,
         "model.eval_image_keywords": KEYWORD_SOURCES,
         "model.prompt_similarity": prompt_pool.SIMILARITIES,
+        "train.on_nonfinite": nonfinite.POLICIES,
+        "train.on_bad_checkpoint": checkpointing.BAD_CHECKPOINT_POLICIES,
     }
     for path, owned in owners.items():
         assert set(config_lib.CHOICES[path]) == set(owned), path
